@@ -1,0 +1,80 @@
+"""Backend availability and selection: the one place where ``"auto"`` is decided.
+
+A backend is a module with ``euler_step`` (the contract in :mod:`flowmatch_fast.kernels`) and
+``unavailable_reason(device) -> str | None``. An explicit request for a backend that cannot run
+raises ``RuntimeError`` with the reason and the fix; only ``"auto"`` falls back, and logs once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("flowmatch_fast")
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+ENV_VAR = "FLOWMATCH_FAST_BACKEND"
+
+_MODULES = {
+    "torch": "flowmatch_fast.kernels.reference",
+    "triton": "flowmatch_fast.kernels.triton_euler",
+    "cuda": "flowmatch_fast.kernels.cuda_euler",
+}
+# auto's order of preference on a CUDA device: the compiled kernel has the lowest launch cost.
+_AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
+_logged_fallbacks: set = set()
+
+
+def check_backend_name(name: Optional[str]) -> str:
+    """Validate a backend request; ``None`` means the environment variable, else ``"auto"``."""
+    source = "backend"
+    if name is None:
+        name = os.environ.get(ENV_VAR, "").strip() or "auto"
+        source = ENV_VAR
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def _module(name: str):
+    return importlib.import_module(_MODULES[name])
+
+
+def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """Why backend ``name`` cannot run on ``device``, or ``None`` when it can."""
+    if name == "torch":
+        return None
+    try:
+        mod = _module(name)
+    except ImportError as exc:  # the kernel module imports its toolchain lazily; be safe anyway
+        return f"its module failed to import ({exc})"
+    return mod.unavailable_reason(device)
+
+
+def resolve(name: str, device: torch.device):
+    """The backend module to use for ``name`` on ``device``."""
+    if name == "auto":
+        if device.type != "cuda":
+            return _module("torch")
+        for candidate in _AUTO_ORDER_CUDA:
+            reason = unavailable_reason(candidate, device)
+            if reason is None:
+                return _module(candidate)
+            if candidate not in _logged_fallbacks:
+                _logged_fallbacks.add(candidate)
+                logger.info("flowmatch_fast: backend %r skipped by auto: %s", candidate, reason)
+        raise AssertionError("unreachable: the torch backend is always available")
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise RuntimeError(f"flowmatch_fast backend {name!r} is not available on {device}: {reason}")
+    return _module(name)
+
+
+def available_backends(device="cuda") -> dict:
+    """``{name: None or reason}`` for each concrete backend on ``device``."""
+    device = torch.device(device)
+    return {name: unavailable_reason(name, device) for name in ("torch", "triton", "cuda")}

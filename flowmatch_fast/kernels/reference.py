@@ -1,0 +1,101 @@
+"""Plain-torch Euler update: the oracle of the fused kernels and the CPU path.
+
+Each op here is one PyTorch kernel with the same rounding the original loop has
+(``x + dt * v``: the product rounded, then the sum; PyTorch's mul and add never fuse).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_F32 = torch.float32
+_KERNEL_FIELD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_STATE_DTYPES = (torch.float32, torch.float64)
+
+
+class TimeGrid:
+    """The time grid of one sampling call: ``values`` (float32 ``[T+1]``) and derived views.
+
+    ``t_views[i]`` is ``values[i]`` viewed as ``[B, 1, ..., 1]`` (what the field receives);
+    ``dt_views[i]`` is ``values[i+1] - values[i]`` viewed as ``[1, ..., 1]``, computed once per
+    call in one subtraction (the same float32 subtraction the original does per step).
+    """
+
+    __slots__ = ("values", "t_views", "_dt_views", "_ndim")
+
+    def __init__(self, values: torch.Tensor, batch_size: int, ndim: int):
+        steps = values.numel() - 1
+        self.values = values
+        self._ndim = ndim  # number of dims of the state, batch included
+        ones = [1] * (ndim - 1)
+        self.t_views = values[:-1].view(steps, 1, *ones).expand(steps, batch_size, *ones).unbind(0)
+        self._dt_views = None
+
+    @property
+    def steps(self) -> int:
+        return self.values.numel() - 1
+
+    @property
+    def dt_views(self):
+        if self._dt_views is None:
+            dts = self.values[1:] - self.values[:-1]
+            self._dt_views = dts.view(self.steps, *([1] * self._ndim)).unbind(0)
+        return self._dt_views
+
+
+_PROMOTION_CACHE: dict = {}
+
+
+def result_dtype(x_dtype: torch.dtype, v: torch.Tensor) -> torch.dtype:
+    """dtype of ``x + dt * v`` under PyTorch's promotion, ``dt`` a float32 tensor."""
+    if v.dim() == 0:  # a 0-dim field does not take part in promotion against a dimensioned dt
+        prod = torch.result_type(torch.empty(1, dtype=_F32), v)
+        return torch.promote_types(x_dtype, prod)
+    key = (x_dtype, v.dtype)
+    s = _PROMOTION_CACHE.get(key)
+    if s is None:
+        s = torch.promote_types(x_dtype, torch.promote_types(_F32, v.dtype))
+        _PROMOTION_CACHE[key] = s
+    return s
+
+
+def kernel_supports(x: torch.Tensor, v: torch.Tensor) -> bool:
+    """True when a fused kernel covers this (state, field) pair; else the reference op runs."""
+    return x.dtype in _KERNEL_STATE_DTYPES and v.dtype in _KERNEL_FIELD_DTYPES and v.dim() > 0
+
+
+def guided_velocity(v: torch.Tensor, v_uncond: torch.Tensor, weight: float) -> torch.Tensor:
+    """``vu + w * (vc - vu)`` in the product dtype ``promote(float32, v.dtype)``."""
+    p = torch.promote_types(_F32, v.dtype)
+    vc, vu = v.to(p), v_uncond.to(p)
+    return vu + weight * (vc - vu)
+
+
+def euler_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    grid: TimeGrid,
+    i: int,
+    out: torch.Tensor,
+    traj: Optional[torch.Tensor] = None,
+    v_uncond: Optional[torch.Tensor] = None,
+    guidance_weight: float = 1.0,
+) -> torch.Tensor:
+    if v_uncond is not None:
+        v = guided_velocity(v, v_uncond, guidance_weight)
+    prod = torch.mul(grid.dt_views[i], v)
+    rows = x.shape[0]
+    if out.shape[0] == rows:
+        torch.add(x, prod, out=out)
+    else:  # doubled batch: same state in each block of B rows
+        torch.add(x, prod, out=out[:rows])
+        out[rows:].copy_(out[:rows])
+    if traj is not None:
+        traj.copy_(out[:rows])
+    return out
+
+
+def unavailable_reason(device: torch.device):
+    return None  # plain torch runs wherever torch does
