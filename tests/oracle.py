@@ -1,0 +1,34 @@
+"""The SPEC's algorithm, written plainly and independently of the package: the tests' oracle."""
+
+import torch
+
+
+@torch.no_grad()
+def spec_sample(x_dims, batch_size, step_fn, device="cpu", steps=10, return_all_steps=False):
+    x_dims = [x_dims] if isinstance(x_dims, int) else list(x_dims)
+    n = len(x_dims)
+    x = torch.randn(batch_size, *x_dims, device=device)
+    grid = torch.linspace(0.0, 1.0, steps + 1, device=device)
+    states = [x]
+    for i in range(steps):
+        t = grid[i].view(1, *[1] * n).expand(batch_size, *[1] * n)
+        dt = (grid[i + 1] - grid[i]).view(1, *[1] * n).expand(batch_size, *[1] * n)
+        v = step_fn(x=x, t=t)
+        x = x + dt * v
+        states.append(x)
+    if return_all_steps:
+        return torch.stack(states, dim=1), grid
+    return x
+
+
+def spec_training_data(x, sampler="beta"):
+    b = x.shape[0]
+    if sampler == "uniform":
+        t = torch.rand((b,), device=x.device)
+    else:
+        beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0))
+        t = beta.sample((b,)).to(x.device)
+        t = 0.999 - t * 0.999
+    t = t.view(b, *[1] * (x.dim() - 1))
+    noise = torch.randn_like(x)
+    return t, noise, t * x + (1 - t) * noise

@@ -1,0 +1,125 @@
+"""Every fused backend's ``euler_step`` against the reference, bitwise, case by case.
+
+Runs for Triton on CPU tensors when ``TRITON_INTERPRET=1`` (CI does), and for Triton and the
+CUDA extension on a CUDA device when there is one; otherwise the cases skip with the reason.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from flowmatch_fast import backends
+from flowmatch_fast.kernels import reference
+from flowmatch_fast.kernels.reference import TimeGrid, result_dtype
+
+FIELD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+STATE_DTYPES = (torch.float32, torch.float64)
+LAYOUTS = ("contiguous", "transposed", "strided", "batch_broadcast", "misaligned")
+SHAPES = ((1, 1), (3, 5), (6, 64, 2), (2, 1025), (4, 3, 7, 11), (1, 4099))
+
+
+def _targets():
+    out = []
+    for name, dev in (("triton", "cpu"), ("triton", "cuda"), ("cuda", "cuda")):
+        marks = [pytest.mark.gpu] if dev == "cuda" else []
+        out.append(pytest.param((name, dev), id=f"{name}-{dev}", marks=marks))
+    return out
+
+
+@pytest.fixture(params=_targets())
+def target(request):
+    name, dev = request.param
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    reason = backends.unavailable_reason(name, torch.device(dev))
+    if reason is not None:
+        pytest.skip(reason)
+    return backends.resolve(name, torch.device(dev)), torch.device(dev)
+
+
+def _field(layout, shape, dtype, device, gen):
+    data = torch.randn(shape, generator=gen).mul_(3).to(device)
+    if layout == "contiguous":
+        return data.to(dtype)
+    if layout == "transposed":
+        return data.to(dtype).transpose(0, -1).contiguous().transpose(0, -1)
+    if layout == "strided":
+        wide = torch.empty(*shape[:-1], 3 * shape[-1], dtype=dtype, device=device)
+        return wide[..., ::3].copy_(data)
+    if layout == "batch_broadcast":
+        return data[:1].to(dtype).expand(shape)
+    if layout == "misaligned":  # storage offset of one element: no 16-byte alignment
+        flat = torch.empty(data.numel() + 1, dtype=dtype, device=device)
+        return flat[1:].view(shape).copy_(data)
+    raise ValueError(layout)
+
+
+def _run(step, x, v, grid, i, rows_out, traj_buf, vu=None, w=1.0):
+    dtype = result_dtype(x.dtype, v)
+    out = torch.full((rows_out * x.shape[0], *x.shape[1:]), float("nan"), dtype=dtype, device=x.device)
+    traj = None
+    if traj_buf is not None:
+        traj_buf = traj_buf.to(dtype).fill_(float("nan"))
+        traj = traj_buf[:, i + 1]
+    step(x, v, grid, i, out, traj, vu, w)
+    return out, traj_buf
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_euler_step_matches_reference(target, shape, case_rng):
+    backend, device = target
+    gen = torch.Generator().manual_seed(case_rng.randrange(2**31))
+    steps = 7
+    grid = TimeGrid(torch.linspace(0, 1, steps + 1, device=device), shape[0], len(shape))
+    for state_dtype, field_dtype, layout, with_traj, dup, guided in itertools.product(
+        STATE_DTYPES, FIELD_DTYPES, LAYOUTS, (False, True), (1, 2), (False, True)
+    ):
+        if (dup == 2) != guided:  # the doubled output goes with guidance
+            continue
+        i = case_rng.randrange(steps)
+        x = torch.randn(shape, generator=gen).to(device, state_dtype)
+        v = _field(layout, shape, field_dtype, device, gen)
+        vu = _field(layout, shape, field_dtype, device, gen) if guided else None
+        if vu is not None and layout == "batch_broadcast":
+            vu = v + 0.5  # same layout and dtype as v is part of the contract
+            vu = vu[:1].expand(shape)
+        w = case_rng.choice([2.5, -0.75, 7.3])
+        traj_buf = torch.empty(shape[0], steps + 1, *shape[1:], device=device) if with_traj else None
+        want, want_traj = _run(reference.euler_step, x, v, grid, i, dup, traj_buf, vu, w)
+        x_before, v_before = x.clone(), v.clone()
+        got, got_traj = _run(backend.euler_step, x, v, grid, i, dup, traj_buf, vu, w)
+        msg = f"{state_dtype} {field_dtype} {layout} traj={with_traj} dup={dup} guided={guided} i={i}"
+        assert torch.equal(got, want), msg  # NaN poison: also proves every element was written
+        assert torch.equal(x, x_before) and torch.equal(v, v_before), msg
+        if with_traj:
+            assert torch.equal(got_traj[:, i + 1], want_traj[:, i + 1]), msg
+            others = [j for j in range(steps + 1) if j != i + 1]
+            assert got_traj[:, others].isnan().all(), f"{msg}: wrote outside its slot"
+
+
+def test_dt_is_read_from_the_grid_on_device(target):
+    """A non-uniform grid: the kernel must take dt = grid[i+1] - grid[i] for the given i."""
+    backend, device = target
+    values = torch.tensor([0.0, 0.1, 0.35, 0.36, 1.0], device=device)
+    grid = TimeGrid(values, 2, 2)
+    x = torch.randn(2, 33, device=device)
+    v = torch.randn(2, 33, device=device)
+    for i in range(4):
+        out = torch.empty_like(x)
+        backend.euler_step(x, v, grid, i, out)
+        assert torch.equal(out, x + (values[i + 1] - values[i]) * v)
+
+
+def test_no_fused_multiply_add(target):
+    """Inputs where fma(dt, v, x) and x + round(dt * v) differ: the kernel must give the latter."""
+    backend, device = target
+    grid = TimeGrid(torch.linspace(0, 1, 4, device=device), 1, 2)  # dt = 1/3, inexact
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(1, 4096, generator=gen).to(device)
+    x = -(grid.dt_views[0] * v)  # x + dt*v is exactly 0; an fma returns the product's rounding error
+    out = torch.empty_like(x)
+    backend.euler_step(x, v, grid, 0, out)
+    assert torch.equal(out, torch.zeros_like(out))
+    fused = torch.addcmul(x.double(), grid.dt_views[0].double(), v.double()).float()
+    assert (fused != 0).any(), "the test inputs no longer separate fma from mul+add"

@@ -1,0 +1,117 @@
+"""Bitwise parity of ``FlowMatching.sample`` with the SPEC's algorithm (``tests/oracle.py``).
+
+Runs on whatever backend ``FLOWMATCH_FAST_BACKEND`` selects (CI runs it for ``torch`` and, with
+``TRITON_INTERPRET=1``, for ``triton``), on CPU and, when there is one, on a CUDA device.
+"""
+
+import pytest
+import torch
+
+from flowmatch_fast import FlowMatching
+from fields import FIELD_DTYPES, LAYOUTS, make_field
+from oracle import spec_sample
+
+
+def _run_both(x_dims, batch, steps, layout, dtype, device, seed, return_all_steps):
+    fm = FlowMatching(x_dims=x_dims, num_inference_steps=steps)
+    torch.manual_seed(seed)
+    ours = fm.sample(batch, make_field(layout, dtype, fm.x_dims, seed), device=device,
+                     return_all_steps=return_all_steps)
+    torch.manual_seed(seed)
+    ref = spec_sample(x_dims, batch, make_field(layout, dtype, fm.x_dims, seed), device=device,
+                      steps=steps, return_all_steps=return_all_steps)
+    return ours, ref
+
+
+def _assert_bitwise(ours, ref, msg):
+    if isinstance(ref, tuple):
+        assert isinstance(ours, tuple) and len(ours) == 2, msg
+        states, grid = ours
+        assert states.is_contiguous(), msg
+        assert grid.shape == ref[1].shape and torch.equal(grid, ref[1]), msg
+        ours, ref = states, ref[0]
+    assert ours.shape == ref.shape, f"{msg}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    assert ours.dtype == ref.dtype, f"{msg}: dtype {ours.dtype} != {ref.dtype}"
+    assert ours.device == ref.device, msg
+    if not torch.equal(ours, ref):
+        diff = (ours.double() - ref.double()).abs().max().item()
+        pytest.fail(f"{msg}: not bitwise equal (max abs diff {diff:.3g})")
+
+
+@pytest.mark.parametrize("dtype", FIELD_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("return_all_steps", [False, True], ids=["final", "all_steps"])
+def test_every_layout_and_dtype(device, layout, dtype, return_all_steps, case_rng):
+    x_dims = [case_rng.randint(1, 9) for _ in range(case_rng.randint(1, 4))]
+    batch = case_rng.randint(1, 64)
+    steps = case_rng.randint(1, 12)
+    seed = case_rng.randrange(2**31)
+    msg = f"x_dims={x_dims} batch={batch} steps={steps} seed={seed}"
+    ours, ref = _run_both(x_dims, batch, steps, layout, dtype, device, seed, return_all_steps)
+    _assert_bitwise(ours, ref, msg)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_fuzz_random_cases(device, case, case_rng):
+    """Random shape, batch, steps (up to 100), dtype, layout, x_dims form and return mode."""
+    n = case_rng.randint(1, 4)
+    dims = [case_rng.choice([1, 2, 3, 5, 7, 16, 33, 64]) for _ in range(n)]
+    while len(dims) > 1 and torch.Size(dims).numel() > 4096:
+        dims.pop()
+    form = case_rng.choice(["int", "list", "tuple"]) if len(dims) == 1 else case_rng.choice(["list", "tuple"])
+    x_dims = dims[0] if form == "int" else (list(dims) if form == "list" else tuple(dims))
+    batch = case_rng.randint(1, 64)
+    steps = case_rng.choice([1, 2, 3, 10, 50, 100])
+    layout = case_rng.choice(LAYOUTS)
+    dtype = case_rng.choice(FIELD_DTYPES)
+    seed = case_rng.randrange(2**31)
+    all_steps = case_rng.random() < 0.5
+    msg = (f"x_dims={x_dims!r} batch={batch} steps={steps} layout={layout} dtype={dtype} "
+           f"seed={seed} all_steps={all_steps}")
+    ours, ref = _run_both(x_dims, batch, steps, layout, dtype, device, seed, all_steps)
+    _assert_bitwise(ours, ref, msg)
+
+
+@pytest.mark.parametrize("x_dims", [(64, 2), 128, [3, 5, 7, 2], (1,)], ids=str)
+def test_alpamayo_and_odd_shapes(device, x_dims, case_rng):
+    seed = case_rng.randrange(2**31)
+    for batch in (1, 6, 64):
+        ours, ref = _run_both(x_dims, batch, 10, "contiguous", torch.bfloat16, device, seed, True)
+        _assert_bitwise(ours, ref, f"x_dims={x_dims} batch={batch} seed={seed}")
+
+
+def test_float64_field_promotes_state(device, case_rng):
+    seed = case_rng.randrange(2**31)
+    ours, ref = _run_both((5, 3), 4, 7, "mixed", torch.float64, device, seed, True)
+    _assert_bitwise(ours, ref, f"seed={seed}")
+    assert ours[0].dtype == torch.float64
+
+
+def test_zero_dim_field(device):
+    """A 0-dim field broadcasts; PyTorch's promotion treats it as a scalar (we follow it)."""
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        torch.manual_seed(3)
+        fm = FlowMatching(x_dims=(4, 2), num_inference_steps=3)
+        field = lambda *, x, t: torch.tensor(0.75, dtype=dtype, device=x.device)  # noqa: E731
+        ours = fm.sample(5, field, device=device)
+        torch.manual_seed(3)
+        ref = spec_sample((4, 2), 5, field, device=device, steps=3)
+        _assert_bitwise(ours, ref, str(dtype))
+
+
+def test_inference_step_override(device, case_rng):
+    seed = case_rng.randrange(2**31)
+    fm = FlowMatching(x_dims=(8, 2), num_inference_steps=4)
+    torch.manual_seed(seed)
+    ours = fm.sample(3, make_field("contiguous", torch.float32, [8, 2]), device=device, inference_step=17)
+    torch.manual_seed(seed)
+    ref = spec_sample((8, 2), 3, make_field("contiguous", torch.float32, [8, 2]), device=device, steps=17)
+    _assert_bitwise(ours, ref, f"seed={seed}")
+
+
+def test_empty_batch(device):
+    fm = FlowMatching(x_dims=(3, 2), num_inference_steps=3)
+    out = fm.sample(0, lambda *, x, t: x * t, device=device)
+    assert out.shape == (0, 3, 2)
+    states, grid = fm.sample(0, lambda *, x, t: x * t, device=device, return_all_steps=True)
+    assert states.shape == (0, 4, 3, 2) and grid.shape == (4,)
