@@ -78,7 +78,7 @@ def euler_step(
     v: torch.Tensor,
     grid: TimeGrid,
     i: int,
-    out: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
     traj: Optional[torch.Tensor] = None,
     v_uncond: Optional[torch.Tensor] = None,
     guidance_weight: float = 1.0,
@@ -87,13 +87,17 @@ def euler_step(
         v = guided_velocity(v, v_uncond, guidance_weight)
     prod = torch.mul(grid.dt_views[i], v)
     rows = x.shape[0]
-    if out.shape[0] == rows:
+    if out is None:  # two ops per step, the floor for plain torch (addcmul would fuse: not bitwise)
+        out = torch.add(x, prod)
+        if not out.is_contiguous():  # a permuted field can give a permuted sum; values are equal
+            out = out.contiguous()
+    elif out.shape[0] == rows:
         torch.add(x, prod, out=out)
     else:  # doubled batch: same state in each block of B rows
         torch.add(x, prod, out=out[:rows])
         out[rows:].copy_(out[:rows])
     if traj is not None:
-        traj.copy_(out[:rows])
+        traj.copy_(out if out.shape[0] == rows else out[:rows])
     return out
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .reference import TimeGrid
+from .reference import TimeGrid, result_dtype
 
 _MAX_DIMS = 6
 # 1024 elements per program and 4 warps: 8 fp32 per thread, two 128-bit accesses per operand.
@@ -195,11 +195,13 @@ def euler_step(
     v: torch.Tensor,
     grid: TimeGrid,
     i: int,
-    out: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
     traj: Optional[torch.Tensor] = None,
     v_uncond: Optional[torch.Tensor] = None,
     guidance_weight: float = 1.0,
 ) -> torch.Tensor:
+    if out is None:
+        out = torch.empty(x.shape, dtype=result_dtype(x.dtype, v), device=x.device)
     if v.shape != x.shape:
         v = v.expand(x.shape)
         if v_uncond is not None:

@@ -1,0 +1,201 @@
+"""The whole sampling loop captured in one CUDA graph, and the bounded cache of such graphs.
+
+``CapturedSampler`` warms the loop up on a side stream, then captures noise, every ``step_fn``
+call and every fused update into one ``torch.cuda.CUDAGraph``; a call replays it. Noise is drawn
+inside the graph from the global CUDA generator, so each replay draws fresh noise and, after
+``torch.manual_seed(s)``, a replay gives bitwise what an eager ``sample`` gives.
+
+What the field must keep to be captured (the usual CUDA-graph contract):
+- static shapes and dtypes, and the same control flow on every call;
+- inputs other than ``x`` and ``t`` read from tensors that stay put (update them in place,
+  ``cond.copy_(new_cond)``, between replays; never rebind them);
+- no host synchronisation (no ``.item()``, ``.cpu()``, ``print(tensor)``, data-dependent ``if``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import warnings
+import weakref
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class GraphStats:
+    """Counters of the automatic cache (``FlowMatching(cuda_graph=True)``)."""
+
+    captures: int = 0
+    replays: int = 0
+    eager_fallbacks: int = 0  # calls run eagerly because the cache was full
+    evictions: int = 0  # graphs dropped (their field was garbage-collected, or clear())
+    failed_captures: int = 0
+
+
+def _cuda_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise RuntimeError(
+            f"CUDA-graph capture needs a CUDA device; got device {str(device)!r}. "
+            "Use FlowMatching.sample on CPU, or pass device='cuda'."
+        )
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class CapturedSampler:
+    """A sampling call captured once and replayed: ``sampler()`` returns a fresh result.
+
+    ``run`` is the eager sampling function (no arguments) whose every CUDA op is captured; it must
+    return a tensor or a tuple of tensors. ``sampler(static_output=True)`` returns the graph's own
+    output buffers instead of copies: they are overwritten by the next replay.
+    """
+
+    def __init__(self, run: Callable, device, warmup: int = 2, pool=None, keep_alive: bool = True):
+        self.device = _cuda_device(device)
+        # Holding ``run`` keeps the field (and the tensors it reads) alive as long as the graph;
+        # the cache passes keep_alive=False and evicts the graph when the field is collected.
+        self._run = run if keep_alive else None
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(self.device):
+            rng_state = torch.cuda.get_rng_state(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            try:
+                with torch.cuda.stream(side):  # warm-up: JIT compiles, handles, allocator
+                    for _ in range(warmup):
+                        run()
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                # Capture draws nothing from the generator now, so restoring its state keeps the
+                # first replay on the same noise as the next eager call would have drawn.
+                torch.cuda.set_rng_state(rng_state, self.device)
+                self.outputs = _capture(self.graph, run, pool, side)
+            except BaseException:
+                torch.cuda.set_rng_state(rng_state, self.device)
+                self.graph = None
+                raise
+        self.replays = 0
+
+    def __call__(self, static_output: bool = False):
+        with torch.cuda.device(self.device):
+            self.graph.replay()
+        self.replays += 1
+        if static_output:
+            return self.outputs
+        if isinstance(self.outputs, tuple):
+            return tuple(t.clone() for t in self.outputs)
+        return self.outputs.clone()
+
+
+def _capture(graph, run, pool, stream):
+    """Capture ``run()`` into ``graph``; on failure re-raise the user's own exception."""
+    error = None
+    try:
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            try:
+                outputs = run()
+            except BaseException as exc:  # end the capture first, then re-raise this one
+                error = exc
+    except BaseException as exc:
+        if error is None:
+            raise
+        # capture_end failed because the capture was already broken by ``error``: drop this one.
+        del exc
+    if error is not None:
+        torch.cuda.synchronize()
+        raise error
+    return outputs
+
+
+def field_key(step_fn):
+    """(hashable identity, object to watch for garbage collection) of a field.
+
+    Bound methods are keyed by (instance, function): ``model.step`` is a new object on every
+    attribute access, but the same field.
+    """
+    owner = getattr(step_fn, "__self__", None)
+    func = getattr(step_fn, "__func__", None)
+    if owner is not None and func is not None:
+        return ("method", id(owner), func), owner
+    return ("callable", id(step_fn)), step_fn
+
+
+class GraphCache:
+    """At most ``max_graphs`` captured samplers, keyed by exactly what a graph bakes in.
+
+    Past the bound, new signatures run eagerly (counted in ``stats.eager_fallbacks``) rather than
+    evicting graphs that are in use. A graph is evicted when its field is garbage-collected, or
+    by :meth:`clear`.
+    """
+
+    def __init__(self, max_graphs: int = 8):
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 0:
+            raise ValueError(f"max_graphs must be an int >= 0, got {max_graphs!r}")
+        self.max_graphs = max_graphs
+        self.stats = GraphStats()
+        self._graphs: dict = {}
+        self._watchers: dict = {}
+        self._pools: dict = {}
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return len(self._graphs)
+
+    def keys(self):
+        return list(self._graphs)
+
+    def pool(self, device: torch.device):
+        """One memory pool per device, shared by its graphs (they replay one at a time)."""
+        if device not in self._pools:
+            self._pools[device] = torch.cuda.graph_pool_handle()
+        return self._pools[device]
+
+    def lookup(self, key):
+        """The sampler for ``key``, or ``None`` (cache miss, the caller may :meth:`add`)."""
+        sampler = self._graphs.get(key)
+        if sampler is not None:
+            self.stats.replays += 1
+        return sampler
+
+    def has_room(self) -> bool:
+        return len(self._graphs) < self.max_graphs
+
+    def add(self, key, watch, build: Callable[[], "CapturedSampler"]):
+        """Capture with ``build()`` and store it under ``key``; ``watch`` is the field object."""
+        try:
+            sampler = build()
+        except BaseException:
+            self.stats.failed_captures += 1
+            raise
+        self.stats.captures += 1
+        with self._lock:
+            self._graphs[key] = sampler
+            try:
+                self._watchers[key] = weakref.finalize(watch, self._evict, key)
+            except TypeError:  # not weak-referenceable (a builtin): the entry lives until clear()
+                pass
+        return sampler
+
+    def _evict(self, key):
+        with self._lock:
+            if self._graphs.pop(key, None) is not None:
+                self.stats.evictions += 1
+            watcher = self._watchers.pop(key, None)
+        if watcher is not None:
+            watcher.detach()
+
+    def clear(self):
+        for key in list(self._graphs):
+            self._evict(key)
+
+
+def warn_not_cuda(device) -> None:
+    warnings.warn(
+        f"cuda_graph=True is ignored on device {str(device)!r}: sampling runs eagerly "
+        "(CUDA graphs need a CUDA device); this warning is shown once per sampler",
+        RuntimeWarning,
+        stacklevel=4,
+    )

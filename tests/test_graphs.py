@@ -1,0 +1,234 @@
+"""CUDA-graph capture: the cache's bookkeeping (CPU) and the captured samplers (GPU)."""
+
+import gc
+import warnings
+
+import pytest
+import torch
+
+from flowmatch_fast import FlowMatching
+from flowmatch_fast.graph import GraphCache, field_key
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA device")
+
+
+# ----------------------------------------------------------------------------- CPU: bookkeeping
+class _FakeSampler:
+    pass
+
+
+def test_cache_bound_stats_and_eviction_on_collection():
+    cache = GraphCache(max_graphs=2)
+
+    def f1(*, x, t):
+        return x
+
+    def f2(*, x, t):
+        return x
+
+    k1, w1 = field_key(f1)
+    k2, w2 = field_key(f2)
+    s1 = cache.add((k1, 6), w1, _FakeSampler)
+    assert cache.lookup((k1, 6)) is s1 and cache.lookup((k1, 7)) is None
+    cache.add((k2, 6), w2, _FakeSampler)
+    assert len(cache) == 2 and not cache.has_room()
+    assert cache.stats.captures == 2 and cache.stats.replays == 1
+    del f2, w2
+    gc.collect()
+    assert len(cache) == 1 and cache.stats.evictions == 1 and cache.has_room()
+    assert cache.keys() == [(k1, 6)]
+    cache.clear()
+    assert len(cache) == 0 and cache.stats.evictions == 2
+
+
+def test_failed_capture_leaves_nothing_behind():
+    cache = GraphCache(max_graphs=2)
+
+    class Boom(Exception):
+        pass
+
+    def build():
+        raise Boom("inside step_fn")
+
+    with pytest.raises(Boom):
+        cache.add(("k",), field_key(print)[1], build)
+    assert len(cache) == 0 and cache.stats.failed_captures == 1 and cache.stats.captures == 0
+
+
+def test_bound_methods_share_one_key():
+    class Model:
+        def step(self, *, x, t):
+            return x
+
+    m = Model()
+    assert field_key(m.step)[0] == field_key(m.step)[0]
+    assert field_key(m.step)[0] != field_key(Model().step)[0]
+
+
+def test_bad_max_graphs():
+    with pytest.raises(ValueError, match="max_graphs"):
+        FlowMatching(x_dims=2, max_graphs=-1)
+
+
+def test_graph_options_on_cpu():
+    fm = FlowMatching(x_dims=(4, 2), cuda_graph=True)
+    field = lambda *, x, t: torch.sin(x) + t  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="ignored on device 'cpu'"):
+        torch.manual_seed(0)
+        a = fm.sample(3, field)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per sampler, not per call
+        torch.manual_seed(0)
+        b = fm.sample(3, field)
+    assert torch.equal(a, b) and fm.graph_stats.captures == 0
+    with pytest.raises(RuntimeError, match="needs a CUDA device; got 'cpu'"):
+        fm.capture(3, field, device="cpu")
+
+
+# ----------------------------------------------------------------------------- GPU
+def _mlp_field(dims, device, dtype=torch.bfloat16, hidden=256, seed=0):
+    """A small MLP in bf16 on a float32 state, like Alpamayo's action expert in miniature."""
+    gen = torch.Generator().manual_seed(seed)
+    d = int(torch.Size(dims).numel())
+    w1 = (torch.randn(d + 1, hidden, generator=gen) / (d + 1) ** 0.5).to(device, dtype)
+    w2 = (torch.randn(hidden, d, generator=gen) / hidden ** 0.5).to(device, dtype)
+    cond = torch.zeros(1, hidden, device=device, dtype=dtype)
+
+    def field(*, x, t):
+        h = torch.cat([x.flatten(1), t.flatten(1)], dim=1).to(dtype) @ w1
+        return (torch.nn.functional.silu(h + cond) @ w2).view(x.shape)
+
+    field.cond = cond
+    return field
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("return_all_steps", [False, True])
+def test_replay_is_bitwise_eager(backend, return_all_steps):
+    from flowmatch_fast import backends as b
+
+    reason = b.unavailable_reason(backend, torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    fm = FlowMatching(x_dims=(64, 2), backend=backend)
+    field = _mlp_field((64, 2), "cuda")
+    sampler = fm.capture(6, field, device="cuda", return_all_steps=return_all_steps)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        eager = fm.sample(6, field, device="cuda", return_all_steps=return_all_steps)
+        torch.manual_seed(seed)
+        replay = sampler()
+        eager = eager if return_all_steps else (eager,)
+        replay = replay if return_all_steps else (replay,)
+        for e, r in zip(eager, replay):
+            assert torch.equal(e, r)
+    a, b2 = sampler(), sampler()
+    a, b2 = (a[0], b2[0]) if return_all_steps else (a, b2)
+    assert not torch.equal(a, b2), "each replay must draw fresh noise"
+
+
+@gpu
+@needs_cuda
+def test_replays_keep_memory_flat_and_static_output():
+    fm = FlowMatching(x_dims=(64, 2))
+    field = _mlp_field((64, 2), "cuda")
+    sampler = fm.capture(6, field, device="cuda")
+    for _ in range(10):
+        sampler()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(1000):
+        out = sampler()
+    del out
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+    static = sampler(static_output=True)
+    assert static is sampler.outputs
+
+
+@gpu
+@needs_cuda
+def test_conditioning_updated_in_place_between_replays():
+    fm = FlowMatching(x_dims=(64, 2))
+    field = _mlp_field((64, 2), "cuda")
+    sampler = fm.capture(6, field, device="cuda")
+    for value in (0.0, 0.5, -1.0):
+        field.cond.fill_(value)
+        torch.manual_seed(7)
+        eager = fm.sample(6, field, device="cuda")
+        torch.manual_seed(7)
+        assert torch.equal(sampler(), eager)
+
+
+@gpu
+@needs_cuda
+def test_automatic_cache_bound_and_stats():
+    fm = FlowMatching(x_dims=(64, 2), cuda_graph=True, max_graphs=2)
+    field = _mlp_field((64, 2), "cuda")
+    for batch in (6, 6, 6, 3, 3, 9, 9):
+        torch.manual_seed(batch)
+        got = fm.sample(batch, field, device="cuda")
+        torch.manual_seed(batch)
+        want = fm.sample(batch, field, device="cuda", cuda_graph=False)
+        assert torch.equal(got, want)
+    stats = fm.graph_stats
+    assert (stats.captures, stats.replays, stats.eager_fallbacks) == (2, 3, 2)
+    assert len(fm.graph_cache) == 2
+    fm.clear_cuda_graphs()
+    assert len(fm.graph_cache) == 0
+
+
+@gpu
+@needs_cuda
+def test_exception_during_capture_propagates_and_next_call_works():
+    class FieldError(Exception):
+        pass
+
+    calls = {"n": 0}
+
+    def flaky(*, x, t):
+        calls["n"] += 1
+        if torch.cuda.is_current_stream_capturing():
+            raise FieldError("raised by the user's field during capture")
+        return torch.sin(x)
+
+    fm = FlowMatching(x_dims=(64, 2), cuda_graph=True)
+    with pytest.raises(FieldError, match="during capture"):
+        fm.sample(6, flaky, device="cuda")
+    assert len(fm.graph_cache) == 0 and fm.graph_stats.failed_captures == 1
+    field = _mlp_field((64, 2), "cuda")
+    torch.manual_seed(3)
+    got = fm.sample(6, field, device="cuda")
+    torch.manual_seed(3)
+    assert torch.equal(got, fm.sample(6, field, device="cuda", cuda_graph=False))
+
+
+@gpu
+@needs_cuda
+def test_sample_inside_a_user_graph_and_without_host_syncs():
+    fm = FlowMatching(x_dims=(64, 2), cuda_graph=True)
+    field = _mlp_field((64, 2), "cuda")
+    fm.sample(6, field, device="cuda", cuda_graph=False)  # warm-up (JIT compiles)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fm.sample(6, field, device="cuda", cuda_graph=False)
+        fm.sample(6, field, device="cuda", return_all_steps=True, cuda_graph=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fm.sample(6, field, device="cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        out = fm.sample(6, field, device="cuda")  # cuda_graph=True is bypassed while capturing
+    assert fm.graph_stats.captures == 0
+    torch.manual_seed(11)
+    g.replay()
+    torch.manual_seed(11)
+    assert torch.equal(out, fm.sample(6, field, device="cuda", cuda_graph=False))
