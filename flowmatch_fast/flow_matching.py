@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +12,10 @@ import torch.nn.functional as F
 from . import backends
 from .base import BaseDiffusion, StepFn
 from .graph import CapturedSampler, GraphCache, field_key, warn_not_cuda
-from .kernels import reference
-from .kernels.reference import TimeGrid, kernel_supports, result_dtype
+from .integrators import METHODS, Trajectory, check_field, integrate  # noqa: F401 (re-export)
+from .kernels.reference import TimeGrid
 
-INT_METHODS = ("euler",)
+INT_METHODS = tuple(METHODS)
 TIMESTEP_SAMPLERS = ("uniform", "beta")
 
 
@@ -24,74 +25,6 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
-
-
-def check_field(v, x: torch.Tensor) -> torch.Tensor:
-    """Validate what ``step_fn`` returned against the state ``x`` (the SPEC's error cases)."""
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"step_fn must return a torch.Tensor, got {type(v).__name__}")
-    if v.shape != x.shape:
-        try:
-            shape = torch.broadcast_shapes(v.shape, x.shape)
-        except RuntimeError:
-            shape = None
-        if shape != x.shape:
-            raise ValueError(
-                f"step_fn returned a tensor of shape {tuple(v.shape)}; expected one that broadcasts "
-                f"to the state's shape {tuple(x.shape)} without changing it"
-            )
-    if v.device != x.device:
-        raise ValueError(
-            f"step_fn returned a tensor on {v.device}; expected it on the sampling device {x.device}"
-        )
-    return v
-
-
-class Trajectory:
-    """The contiguous ``[B, T+1, *x_dims]`` output, written one slot per step (no final stack).
-
-    Its dtype follows the states' promotion: a float64 field turns a float32 trajectory into a
-    float64 one (the slots written so far are copied over exactly), as ``torch.stack`` would.
-    """
-
-    __slots__ = ("states", "slots", "dtype")
-
-    def __init__(self, x0: torch.Tensor, steps: int):
-        b, *dims = x0.shape
-        self.states = torch.empty((b, steps + 1, *dims), dtype=x0.dtype, device=x0.device)
-        self.slots = self.states.unbind(1)  # all views at once: one call instead of one per step
-        self.slots[0].copy_(x0)
-        self.dtype = x0.dtype
-
-    def slot(self, i: int, dtype: torch.dtype) -> torch.Tensor:
-        """The view ``states[:, i]``, in ``dtype`` (upgrading the buffer when needed)."""
-        if dtype is not self.dtype:
-            wider = torch.empty(self.states.shape, dtype=dtype, device=self.states.device)
-            wider[:, :i].copy_(self.states[:, :i])
-            self.states = wider
-            self.slots = wider.unbind(1)
-            self.dtype = dtype
-        return self.slots[i]
-
-
-def euler_loop(x, grid: TimeGrid, step_fn, backend, trajectory: Optional[Trajectory] = None):
-    """The Euler integration: one field call and one fused update per step. Returns the last state.
-
-    Every state handed to ``step_fn`` is a fresh contiguous buffer that is never written again.
-    The loop body is kept lean on purpose: on CPU it runs in a few microseconds per step.
-    """
-    t_views = grid.t_views
-    fused = backend.euler_step
-    plain = reference.euler_step
-    has_kernel = fused is not plain
-    for i in range(grid.steps):
-        v = step_fn(x=x, t=t_views[i])
-        if type(v) is not torch.Tensor or v.shape != x.shape or v.device != x.device:
-            check_field(v, x)
-        slot = None if trajectory is None else trajectory.slot(i + 1, result_dtype(x.dtype, v))
-        update = fused if has_kernel and kernel_supports(x, v) else plain
-        x = update(x, v, grid, i, None, slot)
-    return x
 
 
 class FlowMatching(BaseDiffusion):
@@ -145,14 +78,68 @@ class FlowMatching(BaseDiffusion):
             self.beta_scale_constant = 0.999
 
     # ------------------------------------------------------------------ sampling
-    def _resolve_call(self, batch_size, inference_step, int_method):
+    def _plan(self, batch_size, device, return_all_steps, inference_step, int_method, *,
+              guidance=False, guidance_weight=None, timesteps=None, shift=None, noise=None,
+              generator=None) -> "_Plan":
+        """Validate one call's arguments and resolve everything that must be known up front."""
         _check_positive_int("batch_size", batch_size, minimum=0)
-        steps = self.num_inference_steps if inference_step is None else inference_step
-        _check_positive_int("inference_step", steps)
+        device = torch.device(device)
         method = self.int_method if int_method is None else int_method
         if method not in INT_METHODS:
             raise ValueError(f"int_method must be one of {INT_METHODS}; got {method!r}")
-        return steps, method
+        if timesteps is not None:
+            if shift is not None:
+                raise ValueError("give either timesteps= or shift=, not both")
+            grid_values = _check_timesteps(timesteps, device)
+            steps = grid_values.numel() - 1
+            if inference_step is not None and inference_step != steps:
+                raise ValueError(f"inference_step={inference_step} but timesteps has {steps + 1} "
+                                 f"entries ({steps} steps); they must agree")
+        else:
+            grid_values = None
+            steps = self.num_inference_steps if inference_step is None else inference_step
+            _check_positive_int("inference_step", steps)
+        if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float))
+                                  or not shift > 0 or shift != shift or shift == float("inf")):
+            raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+        if guidance_weight is not None and not guidance:
+            raise ValueError("guidance_weight= needs guidance=True (the doubled-batch field protocol)")
+        weight = float(self.inference_guidance_weight if guidance_weight is None else guidance_weight)
+        if noise is not None:
+            if generator is not None:
+                raise ValueError("give either noise= or generator=, not both (noise draws nothing)")
+            _check_noise(noise, (batch_size, *self.x_dims), device)
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            if generator.device.type != device.type:
+                raise ValueError(f"generator is on {generator.device}; expected one on the "
+                                 f"sampling device {device}")
+        return _Plan(batch_size, device, steps, method, bool(return_all_steps),
+                     backends.resolve(self.backend, device), bool(guidance), weight,
+                     grid_values, None if shift in (None, 1, 1.0) else float(shift), noise, generator)
+
+    def _run(self, plan: "_Plan", step_fn):
+        """The eager sampling call (also what a CUDA graph captures)."""
+        if plan.noise is not None:
+            x = plan.noise
+        else:
+            x = torch.randn(plan.batch_size, *self.x_dims, device=plan.device,
+                            generator=plan.generator)
+        if plan.grid_values is not None:
+            values = plan.grid_values
+        else:
+            values = torch.linspace(0.0, 1.0, plan.steps + 1, device=plan.device)
+            if plan.shift is not None:
+                values = shifted_grid(values, plan.shift)
+        rows = 2 * plan.batch_size if plan.guidance else plan.batch_size
+        grid = TimeGrid(values, rows, x.dim())
+        trajectory = Trajectory(x, plan.steps) if plan.return_all_steps else None
+        x = integrate(plan.method, x, grid, step_fn, plan.backend, trajectory, plan.guidance,
+                      plan.weight)
+        if plan.return_all_steps:
+            return trajectory.states, values
+        return x
 
     @torch.no_grad()
     def sample(
@@ -165,50 +152,59 @@ class FlowMatching(BaseDiffusion):
         int_method: Optional[str] = None,
         *args,
         cuda_graph: Optional[bool] = None,
+        guidance: bool = False,
+        guidance_weight: Optional[float] = None,
+        timesteps=None,
+        shift: Optional[float] = None,
+        noise: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
         **kwargs,
     ):
         """Integrate ``step_fn`` from Gaussian noise (t=0) to data (t=1).
 
         Returns ``x`` ``[B, *x_dims]``, or with ``return_all_steps=True`` the tuple
-        ``(states [B, T+1, *x_dims], grid [T+1])``.
+        ``(states [B, T+1, *x_dims], grid [T+1])``. Keyword-only options (ours):
+
+        - ``cuda_graph``: use the bounded graph cache for this call (default: the constructor's);
+        - ``int_method`` also takes ``"midpoint"``, ``"heun"``, ``"rk4"`` (fixed-step);
+        - ``guidance=True``: the field is called on the doubled batch ``[x; x]`` (rows ``:B``
+          conditional, ``B:`` unconditional) and ``v = vu + w * (vc - vu)`` with
+          ``w = guidance_weight`` (default ``inference_guidance_weight``); ``w = 1`` is plain
+          sampling with the conditional half, bitwise;
+        - ``timesteps``: an explicit increasing grid from 0 to 1 (``T + 1`` entries);
+          ``shift``: SD3's ``shift * s / (1 + (shift - 1) * s)`` on the noise level ``s = 1 - t``;
+        - ``noise``: the initial state ``[B, *x_dims]`` (float32 or float64, on ``device``);
+          ``generator``: the ``torch.Generator`` the noise is drawn from.
         """
-        steps, method = self._resolve_call(batch_size, inference_step, int_method)
-        device = torch.device(device)
-        backend = backends.resolve(self.backend, device)
-        run = functools.partial(self._run, batch_size, step_fn, device, steps, method,
-                                return_all_steps, backend)
+        plan = self._plan(batch_size, device, return_all_steps, inference_step, int_method,
+                          guidance=guidance, guidance_weight=guidance_weight, timesteps=timesteps,
+                          shift=shift, noise=noise, generator=generator)
+        run = functools.partial(self._run, plan, step_fn)
         use_graph = self.cuda_graph if cuda_graph is None else cuda_graph
         if not use_graph:
             return run()
-        if device.type != "cuda":
+        if plan.device.type != "cuda":
             if not self._warned_not_cuda:
                 self._warned_not_cuda = True
-                warn_not_cuda(device)
+                warn_not_cuda(plan.device)
             return run()
         if torch.cuda.is_current_stream_capturing():  # inside the caller's own graph: just run
             return run()
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        if noise is not None or generator is not None:
+            # A cached graph would read a noise tensor or generator that the caller may drop;
+            # explicit capture(noise=..., generator=...) keeps them alive instead.
+            self._graphs.stats.eager_fallbacks += 1
+            return run()
         fkey, watch = field_key(step_fn)
-        key = (fkey, device, batch_size, steps, method, bool(return_all_steps), backend.__name__)
+        key = (fkey, plan.key())
         sampler = self._graphs.lookup(key)
         if sampler is None:
             if not self._graphs.has_room():
                 self._graphs.stats.eager_fallbacks += 1
                 return run()
             sampler = self._graphs.add(key, watch, lambda: CapturedSampler(
-                run, device, pool=self._graphs.pool(device), keep_alive=False))
+                run, plan.device, pool=self._graphs.pool(plan.device), keep_alive=False))
         return sampler()
-
-    def _run(self, batch_size, step_fn, device, steps, method, return_all_steps, backend):
-        """The eager sampling call (also what a CUDA graph captures)."""
-        x = torch.randn(batch_size, *self.x_dims, device=device)
-        grid = TimeGrid(torch.linspace(0.0, 1.0, steps + 1, device=device), batch_size, x.dim())
-        trajectory = Trajectory(x, steps) if return_all_steps else None
-        x = euler_loop(x, grid, step_fn, backend, trajectory)
-        if return_all_steps:
-            return trajectory.states, grid.values
-        return x
 
     @torch.no_grad()
     def capture(
@@ -221,25 +217,33 @@ class FlowMatching(BaseDiffusion):
         int_method: Optional[str] = None,
         *,
         warmup: int = 2,
+        guidance: bool = False,
+        guidance_weight: Optional[float] = None,
+        timesteps=None,
+        shift: Optional[float] = None,
+        noise: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
     ) -> CapturedSampler:
         """Capture one sampling call (noise, every field call, every update) in a CUDA graph.
 
         ``sampler = fm.capture(6, step_fn, device="cuda")``; ``sampler()`` replays it and returns a
-        fresh result (``sampler(static_output=True)``: the graph's own buffers). The field must
-        keep the contract in :mod:`flowmatch_fast.graph` (static shapes, inputs updated in place,
-        no host syncs). Raises ``RuntimeError`` on a non-CUDA device.
+        fresh result (``sampler(static_output=True)``: the graph's own buffers). Options as in
+        :meth:`sample`; a ``noise`` tensor is read on every replay (update it in place), a
+        ``generator`` advances on every replay. The field must keep the contract in
+        :mod:`flowmatch_fast.graph` (static shapes, inputs updated in place, no host syncs).
+        Raises ``RuntimeError`` on a non-CUDA device.
         """
-        steps, method = self._resolve_call(batch_size, inference_step, int_method)
         device = torch.device(device)
         if device.type != "cuda":
             raise RuntimeError(
                 f"FlowMatching.capture needs a CUDA device; got {str(device)!r}. "
                 "On CPU, call FlowMatching.sample (eager) instead."
             )
-        backend = backends.resolve(self.backend, device)
-        run = functools.partial(self._run, batch_size, step_fn, device, steps, method,
-                                return_all_steps, backend)
-        return CapturedSampler(run, device, warmup=warmup)
+        plan = self._plan(batch_size, device, return_all_steps, inference_step, int_method,
+                          guidance=guidance, guidance_weight=guidance_weight, timesteps=timesteps,
+                          shift=shift, noise=noise, generator=generator)
+        run = functools.partial(self._run, plan, step_fn)
+        return CapturedSampler(run, plan.device, warmup=warmup, generator=generator)
 
     @property
     def graph_stats(self):
@@ -278,3 +282,85 @@ class FlowMatching(BaseDiffusion):
         """Mean squared error between ``pred`` and the velocity target ``x - noise``."""
         target = (training_data["x"] - training_data["noise"]).to(pred.dtype)
         return F.mse_loss(target, pred)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything one sampling call resolved before running (and what a graph bakes in)."""
+
+    batch_size: int
+    device: torch.device
+    steps: int
+    method: str
+    return_all_steps: bool
+    backend: object
+    guidance: bool
+    weight: float
+    grid_values: Optional[torch.Tensor]
+    shift: Optional[float]
+    noise: Optional[torch.Tensor]
+    generator: Optional[torch.Generator]
+
+    def key(self):
+        """The cache key: exactly what a captured graph bakes in (noise/generator excluded)."""
+        device = self.device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        grid = None if self.grid_values is None else tuple(self.grid_values.tolist())
+        return (device, self.batch_size, self.steps, self.method, self.return_all_steps,
+                self.backend.__name__, self.guidance, self.weight, grid, self.shift)
+
+
+def shifted_grid(values: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's shift on the noise level ``s = 1 - t``: ``s' = shift * s / (1 + (shift - 1) * s)``.
+
+    ``shift > 1`` spends more steps at high noise. Computed on the grid's device in float32; the
+    end points are set to exactly 0 and 1.
+    """
+    s = 1.0 - values
+    out = 1.0 - (shift * s) / (1.0 + (shift - 1.0) * s)
+    out[0] = 0.0
+    out[-1] = 1.0
+    return out
+
+
+def _check_timesteps(timesteps, device: torch.device) -> torch.Tensor:
+    """Validate an explicit grid on the host; return it as float32 on ``device``."""
+    if isinstance(timesteps, torch.Tensor):
+        if timesteps.device.type != "cpu" and timesteps.device != device:
+            raise ValueError(f"timesteps is on {timesteps.device}; expected the sampling device "
+                             f"{device} or the CPU")
+        if not timesteps.is_floating_point():
+            raise ValueError(f"timesteps must be floating point, got {timesteps.dtype}")
+        host = timesteps.detach().to("cpu", torch.float32)  # one copy (a sync on CUDA)
+    else:
+        try:
+            host = torch.tensor(list(timesteps), dtype=torch.float32)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"timesteps must be a 1-D sequence of floats or a tensor ({exc})") from None
+    if host.dim() != 1 or host.numel() < 2:
+        raise ValueError(f"timesteps must be 1-D with T + 1 >= 2 entries, got shape {tuple(host.shape)}")
+    if host[0].item() != 0.0 or host[-1].item() != 1.0:
+        raise ValueError(f"timesteps must start at 0 and end at 1 (noise to data), got "
+                         f"{host[0].item()} ... {host[-1].item()}")
+    steps = host[1:] - host[:-1]
+    if not bool((steps > 0).all()):
+        bad = int((steps <= 0).nonzero()[0])
+        raise ValueError(f"timesteps must be strictly increasing (in float32); entry {bad + 1} "
+                         f"({host[bad + 1].item()}) does not exceed entry {bad} ({host[bad].item()})")
+    return host.to(device)
+
+
+def _check_noise(noise, shape, device: torch.device) -> None:
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+    if tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise must have shape {tuple(shape)} (batch_size, *x_dims); got "
+                         f"{tuple(noise.shape)}")
+    if noise.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"noise must be float32 or float64, got {noise.dtype}")
+    if noise.device != device and not (device.type == noise.device.type == "cuda"
+                                       and device.index is None):
+        raise ValueError(f"noise is on {noise.device}; expected the sampling device {device}")
+    if not noise.is_contiguous():
+        raise ValueError("noise must be contiguous (it is handed to step_fn as the first state)")

@@ -54,14 +54,21 @@ class CapturedSampler:
     output buffers instead of copies: they are overwritten by the next replay.
     """
 
-    def __init__(self, run: Callable, device, warmup: int = 2, pool=None, keep_alive: bool = True):
+    def __init__(self, run: Callable, device, warmup: int = 2, pool=None, keep_alive: bool = True,
+                 generator: Optional[torch.Generator] = None):
         self.device = _cuda_device(device)
         # Holding ``run`` keeps the field (and the tensors it reads) alive as long as the graph;
         # the cache passes keep_alive=False and evicts the graph when the field is collected.
         self._run = run if keep_alive else None
         self.graph = torch.cuda.CUDAGraph()
+        self.generator = generator
+        if generator is not None:
+            if not hasattr(self.graph, "register_generator_state"):
+                raise RuntimeError("capturing with generator= needs torch >= 2.5 "
+                                   "(CUDAGraph.register_generator_state)")
+            self.graph.register_generator_state(generator)
         with torch.cuda.device(self.device):
-            rng_state = torch.cuda.get_rng_state(self.device)
+            rng_state = _rng_state(self.device, generator)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             try:
@@ -71,10 +78,10 @@ class CapturedSampler:
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 # Capture draws nothing from the generator now, so restoring its state keeps the
                 # first replay on the same noise as the next eager call would have drawn.
-                torch.cuda.set_rng_state(rng_state, self.device)
+                _set_rng_state(self.device, generator, rng_state)
                 self.outputs = _capture(self.graph, run, pool, side)
             except BaseException:
-                torch.cuda.set_rng_state(rng_state, self.device)
+                _set_rng_state(self.device, generator, rng_state)
                 self.graph = None
                 raise
         self.replays = 0
@@ -88,6 +95,17 @@ class CapturedSampler:
         if isinstance(self.outputs, tuple):
             return tuple(t.clone() for t in self.outputs)
         return self.outputs.clone()
+
+
+def _rng_state(device, generator):
+    return generator.get_state() if generator is not None else torch.cuda.get_rng_state(device)
+
+
+def _set_rng_state(device, generator, state):
+    if generator is not None:
+        generator.set_state(state)
+    else:
+        torch.cuda.set_rng_state(state, device)
 
 
 def _capture(graph, run, pool, stream):

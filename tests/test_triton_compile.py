@@ -27,6 +27,20 @@ def compiled():
         raise AssertionError(f"AOT compile failed on Triton {triton.__version__}: {exc!r}") from exc
 
 
+@pytest.fixture(scope="module")
+def compiled_stages():
+    return [(spec, triton_euler.compile_for_target(**spec, arch=90))
+            for spec in triton_euler.stage_specializations()]
+
+
+def test_every_stage_specialization_compiles_without_fma(compiled_stages):
+    assert len(compiled_stages) >= 8 * 8 * 2
+    for spec, kernel in compiled_stages:
+        assert kernel.asm.get("cubin"), spec
+        fmas = [op for op in _ops(kernel.asm["ptx"]) if op.startswith("fma")]
+        assert not fmas, f"{spec}: contraction is on ({fmas})"
+
+
 def test_every_specialization_compiles_for_sm90(compiled):
     assert len(compiled) == 2 * 4 * 2 * 2 * 2
     for spec, kernel in compiled.items():

@@ -23,15 +23,35 @@ class TimeGrid:
     call in one subtraction (the same float32 subtraction the original does per step).
     """
 
-    __slots__ = ("values", "t_views", "_dt_views", "_ndim")
+    __slots__ = ("values", "t_views", "_dt_views", "_ndim", "_batch", "_cache")
 
     def __init__(self, values: torch.Tensor, batch_size: int, ndim: int):
-        steps = values.numel() - 1
         self.values = values
         self._ndim = ndim  # number of dims of the state, batch included
-        ones = [1] * (ndim - 1)
-        self.t_views = values[:-1].view(steps, 1, *ones).expand(steps, batch_size, *ones).unbind(0)
+        self._batch = batch_size  # rows of the field's input (2B under guidance)
+        self._cache = {}
+        self.t_views = self._time_views(values[:-1])
         self._dt_views = None
+
+    def _time_views(self, times: torch.Tensor):
+        ones = [1] * (self._ndim - 1)
+        n = times.numel()
+        return times.view(n, 1, *ones).expand(n, self._batch, *ones).unbind(0)
+
+    def stage_t_views(self, where: str):
+        """Field times of a stage: ``"start"`` t_i, ``"half"`` t_i + 0.5 * dt_i, ``"next"`` t_{i+1}."""
+        if where == "start":
+            return self.t_views
+        key = ("t", where)
+        if key not in self._cache:
+            if where == "half":
+                times = self.values[:-1] + (self.values[1:] - self.values[:-1]) * 0.5
+            elif where == "next":
+                times = self.values[1:]
+            else:
+                raise ValueError(where)
+            self._cache[key] = self._time_views(times)
+        return self._cache[key]
 
     @property
     def steps(self) -> int:
@@ -99,6 +119,63 @@ def euler_step(
     if traj is not None:
         traj.copy_(out if out.shape[0] == rows else out[:rows])
     return out
+
+
+def stage_dtype(x_dtype, k: torch.Tensor, acc: Optional[torch.Tensor]) -> torch.dtype:
+    """Compute dtype of a multi-stage method's stage: float64 if anything is, else float32."""
+    c = torch.promote_types(x_dtype, torch.promote_types(_F32, k.dtype))
+    return c if acc is None else torch.promote_types(c, acc.dtype)
+
+
+def stage_step(
+    x: torch.Tensor,
+    k: torch.Tensor,
+    grid: TimeGrid,
+    i: int,
+    coef: float,
+    acc: Optional[torch.Tensor] = None,
+    acc_weight: float = 1.0,
+    write_acc: bool = False,
+    from_acc: bool = False,
+    out: Optional[torch.Tensor] = None,
+    traj: Optional[torch.Tensor] = None,
+    k_uncond: Optional[torch.Tensor] = None,
+    guidance_weight: float = 1.0,
+):
+    """One stage of a fixed-step Runge-Kutta method, in the compute dtype ``C``.
+
+    ``kk = C(k)`` (guided first, in the product dtype), ``s = acc + acc_weight * kk`` (``acc``
+    absent: ``acc_weight * kk``), ``h = C(dt_i) * C(coef)``, ``x_out = C(x) + h * (s if from_acc
+    else kk)``; every op rounded in ``C`` (so a float64 state gets float64 RK weights).
+    Returns ``(x_out, s or None)``.
+    """
+    if k_uncond is not None:
+        k = guided_velocity(k, k_uncond, guidance_weight)
+    c = stage_dtype(x.dtype, k, acc)
+    kk = k.to(c)
+    s = kk if acc_weight == 1.0 else kk * acc_weight
+    if acc is not None:
+        s = acc.to(c) + s
+    d = s if from_acc else kk
+    h = grid.dt_views[i].to(c)
+    if coef != 1.0:
+        h = h * coef
+    prod = h * d
+    rows = x.shape[0]
+    if out is None:
+        out = torch.add(x.to(c), prod)
+        if not out.is_contiguous():
+            out = out.contiguous()
+    else:
+        torch.add(x.to(c), prod, out=out[:rows])
+        if out.shape[0] != rows:
+            out[rows:].copy_(out[:rows])
+    if traj is not None:
+        traj.copy_(out if out.shape[0] == rows else out[:rows])
+    acc_out = None
+    if write_acc:
+        acc_out = s if s.is_contiguous() and s.dtype == c else s.to(c).contiguous()
+    return out, acc_out
 
 
 def unavailable_reason(device: torch.device):

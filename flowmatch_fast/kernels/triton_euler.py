@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .reference import TimeGrid, result_dtype
+from .reference import TimeGrid, result_dtype, stage_dtype
 
 _MAX_DIMS = 6
 # 1024 elements per program and 4 warps: 8 fp32 per thread, two 128-bit accesses per operand.
@@ -55,82 +55,11 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel():
-    import triton
-    import triton.language as tl
+def _kernels():
+    """(euler_kernel, stage_kernel), imported on first use (this imports Triton)."""
+    from . import _triton_kernels as k
 
-    @triton.jit
-    def euler_kernel(
-        x_ptr, v_ptr, vu_ptr, grid_ptr, out_ptr, traj_ptr,
-        step, w_bits, n_total, row_len, traj_row_stride, dup_offset,
-        d1, d2, d3, d4, d5,  # sizes of the field's coalesced dims 1..5 (dim 0 needs none)
-        s0, s1, s2, s3, s4, s5,  # the field's strides, in elements
-        BLOCK: tl.constexpr, V_NDIM: tl.constexpr, V_CONTIG: tl.constexpr,
-        ROWS: tl.constexpr, HAS_TRAJ: tl.constexpr, DUP_OUT: tl.constexpr,
-        GUIDED: tl.constexpr, P_F64: tl.constexpr, S_F64: tl.constexpr,
-    ):
-        if ROWS:  # program (column block, row): row-contiguous offsets, so trajectory stores vectorize
-            row = tl.program_id(1)
-            col = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-            mask = col < row_len
-            offs = row * row_len + col
-        else:
-            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < n_total
-
-        if V_CONTIG:
-            v_offs = offs
-        else:  # the field's element offset from the flat index, innermost dim first
-            rem = offs
-            v_offs = tl.zeros_like(offs)
-            if V_NDIM > 5:
-                v_offs += (rem % d5) * s5
-                rem = rem // d5
-            if V_NDIM > 4:
-                v_offs += (rem % d4) * s4
-                rem = rem // d4
-            if V_NDIM > 3:
-                v_offs += (rem % d3) * s3
-                rem = rem // d3
-            if V_NDIM > 2:
-                v_offs += (rem % d2) * s2
-                rem = rem // d2
-            if V_NDIM > 1:
-                v_offs += (rem % d1) * s1
-                rem = rem // d1
-            v_offs += rem * s0
-
-        t0 = tl.load(grid_ptr + step)
-        t1 = tl.load(grid_ptr + step + 1)
-        dt = t1 - t0  # float32, exactly the original's grid[i+1] - grid[i]
-        if P_F64:
-            p_type = tl.float64
-        else:
-            p_type = tl.float32
-        if S_F64:
-            s_type = tl.float64
-        else:
-            s_type = tl.float32
-
-        v = tl.load(v_ptr + v_offs, mask=mask).to(p_type)
-        if GUIDED:  # vu + w * (vc - vu), each op rounded in the product dtype
-            vu = tl.load(vu_ptr + v_offs, mask=mask).to(p_type)
-            w = w_bits.to(tl.int64).to(tl.float64, bitcast=True).to(p_type)
-            v = vu + w * (v - vu)
-        prod = dt.to(p_type) * v
-        x = tl.load(x_ptr + offs, mask=mask).to(s_type)
-        res = x + prod.to(s_type)
-        tl.store(out_ptr + offs, res, mask=mask)
-        if DUP_OUT:
-            tl.store(out_ptr + dup_offset + offs, res, mask=mask)
-        if HAS_TRAJ:
-            if ROWS:
-                tl.store(traj_ptr + row * traj_row_stride + col, res, mask=mask)
-            else:
-                r = offs // row_len
-                tl.store(traj_ptr + r * traj_row_stride + (offs - r * row_len), res, mask=mask)
-
-    return euler_kernel
+    return k.euler_kernel, k.stage_kernel
 
 
 def coalesce(shape, strides):
@@ -212,8 +141,62 @@ def euler_step(
     elif x.numel():
         grid_, args, meta = _launch_config(x, v, grid.values, i, out, traj, v_uncond,
                                            guidance_weight)
-        _kernel()[grid_](*args, **meta)
+        _kernels()[0][grid_](*args, **meta)
     return out
+
+
+def _stage_config(x, k, grid_values, step, coef, acc, acc_weight, write_acc, from_acc, out,
+                  acc_out, traj, k_uncond, guidance_weight):
+    """(launch grid, args, meta) of one stage launch; ``k`` already expanded to ``x``'s shape."""
+    grid, args, meta = _launch_config(x, k, grid_values, step, out, traj, k_uncond,
+                                      guidance_weight)
+    x_, k_, ku_, g_, out_, traj_, step_, w_bits, *rest = args
+    args = (x_, k_, ku_, acc if acc is not None else out_, g_, out_,
+            acc_out if acc_out is not None else out_, traj_, step_, double_bits(coef), w_bits, *rest)
+    meta.pop("S_F64")
+    meta.update(C_F64=out.dtype == torch.float64, HAS_ACC=acc is not None,
+                ACC_W2=acc_weight == 2.0, WRITE_ACC=acc_out is not None, FROM_ACC=from_acc,
+                COEF_ONE=coef == 1.0)
+    return grid, args, meta
+
+
+def stage_step(
+    x: torch.Tensor,
+    k: torch.Tensor,
+    grid: TimeGrid,
+    i: int,
+    coef: float,
+    acc: Optional[torch.Tensor] = None,
+    acc_weight: float = 1.0,
+    write_acc: bool = False,
+    from_acc: bool = False,
+    out: Optional[torch.Tensor] = None,
+    traj: Optional[torch.Tensor] = None,
+    k_uncond: Optional[torch.Tensor] = None,
+    guidance_weight: float = 1.0,
+):
+    """One fused Runge-Kutta stage: the contract and arithmetic of ``reference.stage_step``."""
+    if acc_weight not in (1.0, 2.0):
+        raise ValueError(f"acc_weight must be 1 or 2 (the RK weights), got {acc_weight}")
+    c = stage_dtype(x.dtype, k, acc)
+    if out is None:
+        out = torch.empty(x.shape, dtype=c, device=x.device)
+    acc_out = torch.empty(x.shape, dtype=c, device=x.device) if write_acc else None
+    if acc is not None and (acc.dtype != c or not acc.is_contiguous()):
+        acc = acc.to(c).contiguous()
+    if k.shape != x.shape:
+        k = k.expand(x.shape)
+        if k_uncond is not None:
+            k_uncond = k_uncond.expand(x.shape)
+    if torch.compiler.is_compiling():
+        torch.ops.flowmatch_fast.triton_stage_step(
+            x, k, k_uncond, acc, grid.values, i, float(coef), float(acc_weight), bool(from_acc),
+            out, acc_out, traj, float(guidance_weight))
+    elif x.numel():
+        grid_, args, meta = _stage_config(x, k, grid.values, i, coef, acc, acc_weight, write_acc,
+                                          from_acc, out, acc_out, traj, k_uncond, guidance_weight)
+        _kernels()[1][grid_](*args, **meta)
+    return out, acc_out
 
 
 def _register_op():
@@ -232,7 +215,21 @@ def _register_op():
             return
         grid, args, meta = _launch_config(x, v, grid_values, step, out, traj, v_uncond,
                                           guidance_weight)
-        wrap_triton(_kernel())[grid](*args, **meta)
+        wrap_triton(_kernels()[0])[grid](*args, **meta)
+
+    @triton_op("flowmatch_fast::triton_stage_step", mutates_args={"out", "acc_out", "traj"})
+    def triton_stage_step(
+        x: torch.Tensor, k: torch.Tensor, k_uncond: Optional[torch.Tensor],
+        acc: Optional[torch.Tensor], grid_values: torch.Tensor, step: int, coef: float,
+        acc_weight: float, from_acc: bool, out: torch.Tensor, acc_out: Optional[torch.Tensor],
+        traj: Optional[torch.Tensor], guidance_weight: float,
+    ) -> None:
+        if x.numel() == 0:
+            return
+        grid, args, meta = _stage_config(x, k, grid_values, step, coef, acc, acc_weight,
+                                         acc_out is not None, from_acc, out, acc_out, traj,
+                                         k_uncond, guidance_weight)
+        wrap_triton(_kernels()[1])[grid](*args, **meta)
 
 
 _register_op()
@@ -243,7 +240,7 @@ _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 
 
 def specializations():
-    """Every (state, field, trajectory, guided, contiguous field) variant ``sample`` can launch."""
+    """Every Euler variant ``sample`` can launch: (state, field, traj, guided, contiguous)."""
     for state in (torch.float32, torch.float64):
         for field in _TRITON_TYPES:
             for traj in (False, True):
@@ -252,35 +249,71 @@ def specializations():
                         yield state, field, traj, guided, contiguous
 
 
+def stage_specializations():
+    """Every Runge-Kutta stage variant the integrators launch, as ``compile_for_target`` kwargs."""
+    from ..integrators import METHODS
+
+    flag_sets = []
+    for method, stages in METHODS.items():
+        if method == "euler":
+            continue
+        for j, st in enumerate(stages):
+            flags = dict(has_acc=st.uses_acc, acc_w2=st.acc_weight == 2.0,
+                         write_acc=st.write_acc, from_acc=st.from_acc, coef_one=st.coef == 1.0,
+                         last=j == len(stages) - 1)
+            if flags not in flag_sets:
+                flag_sets.append(flags)
+    for flags in flag_sets:
+        last = flags.pop("last")
+        for state in (torch.float32, torch.float64):
+            for field in _TRITON_TYPES:
+                for guided in (False, True):
+                    for traj in ((False, True) if last else (False,)):
+                        yield dict(state=state, field=field, traj=traj, guided=guided,
+                                   stage=flags)
+
+
 def compile_for_target(state, field, traj=False, guided=False, contiguous=True, arch=90,
-                       enable_fp_fusion=False):
+                       enable_fp_fusion=False, stage=None):
     """Compile one specialization ahead of time for ``sm_<arch>`` (no GPU needed); returns the
     compiled kernel, whose ``.asm`` dict holds ``ttir``/``ttgir``/``llir``/``ptx``/``cubin``.
 
-    Pointers are declared 16-byte aligned and sizes multiples of 16, as the runtime specializes
-    them for tensors from PyTorch's allocator and Alpamayo's 128-element rows.
+    ``stage``: ``None`` for the Euler kernel, else the stage kernel's flags (``has_acc``,
+    ``acc_w2``, ``write_acc``, ``from_acc``, ``coef_one``). Pointers are declared 16-byte
+    aligned and sizes multiples of 16, as the runtime specializes them for tensors from
+    PyTorch's allocator and Alpamayo's 128-element rows.
     """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = _kernel()
+    kernel = _kernels()[0 if stage is None else 1]
     out_t = "fp64" if torch.float64 in (state, field) else "fp32"
     f = _TRITON_TYPES[field]
-    sig = {
-        "x_ptr": "*" + _TRITON_TYPES[state], "v_ptr": "*" + f, "vu_ptr": "*" + f,
-        "grid_ptr": "*fp32", "out_ptr": "*" + out_t, "traj_ptr": "*" + out_t,
-        "step": "i32", "w_bits": "i64", "n_total": "i32", "row_len": "i32",
-        "traj_row_stride": "i32", "dup_offset": "i32",
-    }
+    sig = {"x_ptr": "*" + _TRITON_TYPES[state]}
+    if stage is None:
+        sig.update({"v_ptr": "*" + f, "vu_ptr": "*" + f, "grid_ptr": "*fp32",
+                    "out_ptr": "*" + out_t, "traj_ptr": "*" + out_t, "step": "i32",
+                    "w_bits": "i64"})
+    else:
+        sig.update({"k_ptr": "*" + f, "ku_ptr": "*" + f, "acc_ptr": "*" + out_t,
+                    "grid_ptr": "*fp32", "out_ptr": "*" + out_t, "acc_out_ptr": "*" + out_t,
+                    "traj_ptr": "*" + out_t, "step": "i32", "coef_bits": "i64", "w_bits": "i64"})
+    sig.update({"n_total": "i32", "row_len": "i32", "traj_row_stride": "i32", "dup_offset": "i32"})
     sig.update({name: "i32" for name in ("d1", "d2", "d3", "d4", "d5")})
     sig.update({name: "i64" for name in ("s0", "s1", "s2", "s3", "s4", "s5")})
     constexprs = dict(BLOCK=BLOCK, V_NDIM=1 if contiguous else 3, V_CONTIG=contiguous,
                       ROWS=traj, HAS_TRAJ=traj, DUP_OUT=guided, GUIDED=guided,
-                      P_F64=field == torch.float64, S_F64=out_t == "fp64")
+                      P_F64=field == torch.float64)
+    if stage is None:
+        constexprs["S_F64"] = out_t == "fp64"
+    else:
+        constexprs.update(C_F64=out_t == "fp64", HAS_ACC=stage["has_acc"], ACC_W2=stage["acc_w2"],
+                          WRITE_ACC=stage["write_acc"], FROM_ACC=stage["from_acc"],
+                          COEF_ONE=stage["coef_one"])
     sig.update({name: "constexpr" for name in constexprs})
-    aligned = ["x_ptr", "v_ptr", "vu_ptr", "grid_ptr", "out_ptr", "traj_ptr", "n_total", "row_len",
-               "traj_row_stride", "dup_offset"]
+    aligned = [n for n in sig if n.endswith("_ptr")] + ["n_total", "row_len", "traj_row_stride",
+                                                        "dup_offset"]
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),

@@ -1,0 +1,51 @@
+"""pytest-benchmark glue: GPU cases skip without a GPU; a summary prints ratios to the original."""
+
+import collections
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+_MEDIANS = collections.defaultdict(dict)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def run_benchmark(benchmark, request):
+    """``run_benchmark(group, name, fn, device)``: time ``fn`` (synchronised) and remember it."""
+
+    def run(group, name, fn, device, rounds=30):
+        benchmark.group = group
+        benchmark.name = f"{group}:{name}"
+        if torch.device(device).type == "cuda":
+            def timed():
+                fn()
+                torch.cuda.synchronize()
+        else:
+            timed = fn
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=3, iterations=1)
+        stats = getattr(benchmark, "stats", None)
+        if stats is not None and getattr(stats, "stats", None) is not None:
+            _MEDIANS[group][name] = stats.stats.median
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _MEDIANS:
+        return
+    terminalreporter.section("flowmatch_fast: median per call, and ratio to the original loop")
+    for group, rows in sorted(_MEDIANS.items()):
+        base = rows.get("original")
+        for name, median in sorted(rows.items(), key=lambda kv: kv[1]):
+            ratio = f"{median / base:6.3f}x of original" if base else ""
+            terminalreporter.write_line(f"{group:28s} {name:16s} {median * 1e6:11.1f} us  {ratio}")

@@ -1,0 +1,55 @@
+"""``pytest bench/``: every workload, the original loop beside ours on each available backend.
+
+On CPU: W4 (the loop's own overhead), W1 and W3 with the torch backend. On a GPU: W1-W3 for every
+backend, eager and captured. ``bench/gpu_bench.py`` is the full GPU measurement (CUDA events,
+bandwidth ceilings, torch.compile) that writes ``bench/results/``. The terminal summary prints
+each variant's median and its ratio to the original loop.
+"""
+
+import pytest
+import torch
+
+import workloads as W
+
+variants = pytest.mark.parametrize("variant", W.VARIANTS)
+
+
+def _run(run_benchmark, group, variant, x_dims, batch, field, device, steps, all_steps=False,
+         rounds=30):
+    with torch.no_grad():
+        fn = W.make_variant(variant, x_dims, batch, field, device, steps, all_steps)
+        if not callable(fn):
+            pytest.skip(fn)
+        run_benchmark(group, variant, fn, device, rounds)
+
+
+@pytest.mark.parametrize("variant", ["original", "ours-torch"])
+def test_w4_cpu_overhead(run_benchmark, variant):
+    """The foundation's figure: our per-call time at most half of the original's (see summary)."""
+    field = W.StoredField(W.W4_BATCH, W.ALPAMAYO_DIMS, "cpu")
+    _run(run_benchmark, "W4-cpu-b6-50steps", variant, W.ALPAMAYO_DIMS, W.W4_BATCH, field, "cpu",
+         W.W4_STEPS, rounds=300)
+
+
+@variants
+@pytest.mark.parametrize("batch", W.W1_BATCHES)
+def test_w1_launch_bound(run_benchmark, device, batch, variant):
+    field = W.TinyExpert().to(device)
+    _run(run_benchmark, f"W1-{device.type}-b{batch}", variant, W.ALPAMAYO_DIMS, batch, field,
+         device, 10)
+
+
+@variants
+def test_w2_bandwidth_bound(run_benchmark, device, variant):
+    if device.type != "cuda":
+        pytest.skip("the 50 MB bandwidth case is a GPU workload")
+    field = W.StoredField(W.W2_BATCH, W.W2_DIMS, device)
+    _run(run_benchmark, "W2-cuda-50MB-20steps", variant, W.W2_DIMS, W.W2_BATCH, field, device,
+         W.W2_STEPS, rounds=10)
+
+
+@variants
+def test_w3_trajectories(run_benchmark, device, variant):
+    field = W.StoredField(48, W.ALPAMAYO_DIMS, device)
+    _run(run_benchmark, f"W3-{device.type}-b48-100steps-all", variant, W.ALPAMAYO_DIMS, 48, field,
+         device, W.W3_STEPS, all_steps=True, rounds=20)

@@ -1,0 +1,150 @@
+"""The Triton kernels themselves (imported only when a Triton backend is first used).
+
+Module-level so that nested ``@triton.jit`` calls resolve, also under ``TRITON_INTERPRET=1``.
+Contract and arithmetic: ``flowmatch_fast.kernels`` and ``reference.euler_step/stage_step``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def field_offsets(offs, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5, V_NDIM: tl.constexpr):
+    """A strided field's element offsets for flat state indices (innermost dim first)."""
+    rem = offs
+    v_offs = tl.zeros_like(offs)
+    if V_NDIM > 5:
+        v_offs += (rem % d5) * s5
+        rem = rem // d5
+    if V_NDIM > 4:
+        v_offs += (rem % d4) * s4
+        rem = rem // d4
+    if V_NDIM > 3:
+        v_offs += (rem % d3) * s3
+        rem = rem // d3
+    if V_NDIM > 2:
+        v_offs += (rem % d2) * s2
+        rem = rem // d2
+    if V_NDIM > 1:
+        v_offs += (rem % d1) * s1
+        rem = rem // d1
+    return v_offs + rem * s0
+
+@triton.jit
+def euler_kernel(
+    x_ptr, v_ptr, vu_ptr, grid_ptr, out_ptr, traj_ptr,
+    step, w_bits, n_total, row_len, traj_row_stride, dup_offset,
+    d1, d2, d3, d4, d5,  # sizes of the field's coalesced dims 1..5 (dim 0 needs none)
+    s0, s1, s2, s3, s4, s5,  # the field's strides, in elements
+    BLOCK: tl.constexpr, V_NDIM: tl.constexpr, V_CONTIG: tl.constexpr,
+    ROWS: tl.constexpr, HAS_TRAJ: tl.constexpr, DUP_OUT: tl.constexpr,
+    GUIDED: tl.constexpr, P_F64: tl.constexpr, S_F64: tl.constexpr,
+):
+    if ROWS:  # program (column block, row): row-contiguous offsets, so trajectory stores vectorize
+        row = tl.program_id(1)
+        col = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = col < row_len
+        offs = row * row_len + col
+    else:
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_total
+
+    if V_CONTIG:
+        v_offs = offs
+    else:
+        v_offs = field_offsets(offs, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5, V_NDIM)
+
+    t0 = tl.load(grid_ptr + step)
+    t1 = tl.load(grid_ptr + step + 1)
+    dt = t1 - t0  # float32, exactly the original's grid[i+1] - grid[i]
+    if P_F64:
+        p_type = tl.float64
+    else:
+        p_type = tl.float32
+    if S_F64:
+        s_type = tl.float64
+    else:
+        s_type = tl.float32
+
+    v = tl.load(v_ptr + v_offs, mask=mask).to(p_type)
+    if GUIDED:  # vu + w * (vc - vu), each op rounded in the product dtype
+        vu = tl.load(vu_ptr + v_offs, mask=mask).to(p_type)
+        w = w_bits.to(tl.int64).to(tl.float64, bitcast=True).to(p_type)
+        v = vu + w * (v - vu)
+    prod = dt.to(p_type) * v
+    x = tl.load(x_ptr + offs, mask=mask).to(s_type)
+    res = x + prod.to(s_type)
+    tl.store(out_ptr + offs, res, mask=mask)
+    if DUP_OUT:
+        tl.store(out_ptr + dup_offset + offs, res, mask=mask)
+    if HAS_TRAJ:
+        if ROWS:
+            tl.store(traj_ptr + row * traj_row_stride + col, res, mask=mask)
+        else:
+            r = offs // row_len
+            tl.store(traj_ptr + r * traj_row_stride + (offs - r * row_len), res, mask=mask)
+
+@triton.jit
+def stage_kernel(
+    x_ptr, k_ptr, ku_ptr, acc_ptr, grid_ptr, out_ptr, acc_out_ptr, traj_ptr,
+    step, coef_bits, w_bits, n_total, row_len, traj_row_stride, dup_offset,
+    d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5,
+    BLOCK: tl.constexpr, V_NDIM: tl.constexpr, V_CONTIG: tl.constexpr,
+    ROWS: tl.constexpr, HAS_TRAJ: tl.constexpr, DUP_OUT: tl.constexpr,
+    GUIDED: tl.constexpr, P_F64: tl.constexpr, C_F64: tl.constexpr,
+    HAS_ACC: tl.constexpr, ACC_W2: tl.constexpr, WRITE_ACC: tl.constexpr,
+    FROM_ACC: tl.constexpr, COEF_ONE: tl.constexpr,
+):
+    """One Runge-Kutta stage (see ``reference.stage_step``), every op rounded in ``C``."""
+    if ROWS:
+        row = tl.program_id(1)
+        col = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = col < row_len
+        offs = row * row_len + col
+    else:
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_total
+    if V_CONTIG:
+        k_offs = offs
+    else:
+        k_offs = field_offsets(offs, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5, V_NDIM)
+    if P_F64:
+        p_type = tl.float64
+    else:
+        p_type = tl.float32
+    if C_F64:
+        c_type = tl.float64
+    else:
+        c_type = tl.float32
+    dt = tl.load(grid_ptr + step + 1) - tl.load(grid_ptr + step)
+    h = dt.to(c_type)
+    if not COEF_ONE:  # h = C(dt) * C(coef), one rounding in C, as the reference
+        h = h * coef_bits.to(tl.int64).to(tl.float64, bitcast=True).to(c_type)
+    k = tl.load(k_ptr + k_offs, mask=mask).to(p_type)
+    if GUIDED:
+        ku = tl.load(ku_ptr + k_offs, mask=mask).to(p_type)
+        w = w_bits.to(tl.int64).to(tl.float64, bitcast=True).to(p_type)
+        k = ku + w * (k - ku)
+    kk = k.to(c_type)
+    if ACC_W2:
+        s = kk * 2.0
+    else:
+        s = kk
+    if HAS_ACC:
+        s = tl.load(acc_ptr + offs, mask=mask).to(c_type) + s
+    if WRITE_ACC:
+        tl.store(acc_out_ptr + offs, s, mask=mask)
+    if FROM_ACC:
+        d = s
+    else:
+        d = kk
+    res = tl.load(x_ptr + offs, mask=mask).to(c_type) + h * d
+    tl.store(out_ptr + offs, res, mask=mask)
+    if DUP_OUT:
+        tl.store(out_ptr + dup_offset + offs, res, mask=mask)
+    if HAS_TRAJ:
+        if ROWS:
+            tl.store(traj_ptr + row * traj_row_stride + col, res, mask=mask)
+        else:
+            r = offs // row_len
+            tl.store(traj_ptr + r * traj_row_stride + (offs - r * row_len), res, mask=mask)
