@@ -217,3 +217,9 @@ def euler_step(
     if copy_traj:
         traj.copy_(out[:rows])
     return out
+
+
+# Multi-stage methods (midpoint/heun/rk4, flowmatch_fast.integrators) call ``backend.stage_step``.
+# The compiled extension fuses only the Euler update for now: stages run the reference ops,
+# which are bitwise what a fused stage must give.
+stage_step = reference.stage_step
