@@ -224,7 +224,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--reps", type=int, default=100)
-    ap.add_argument("--compile", default="w1,w2", help="workloads to torch.compile: w1,w2,w3 or none")
+    ap.add_argument("--compile", default="w1b6",
+                    help="what to torch.compile (comma-separated): w1 (every batch), w1b<batch>, "
+                         "w2, w3, or none; each compile costs ~10-60 s")
     ap.add_argument("--only", default="", help="comma-separated sections to run (default: all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -243,7 +245,8 @@ def main():
         ("kernel", lambda: bench_kernel_alone(args.reps, copy_gbs)),
         ("launch", bench_launch_overhead),
         ("w1", lambda: [bench_workload(f"W1-b{b}", W.ALPAMAYO_DIMS, b, W.TinyExpert().cuda(), 10,
-                                       args.reps, floor=True, compile_="w1" in compile_set)
+                                       args.reps, floor=True,
+                                       compile_=bool({"w1", f"w1b{b}"} & compile_set))
                         for b in W.W1_BATCHES]),
         ("w2", lambda: bench_workload(
             "W2-50MB-20steps", W.W2_DIMS, W.W2_BATCH, W.StoredField(W.W2_BATCH, W.W2_DIMS, "cuda"),

@@ -171,3 +171,77 @@ def compiled_original(x_dims, batch, field, device, steps, return_all_steps=Fals
         fn()
     synchronize(device)
     return fn, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- beyond Euler
+def plain_rk4(x_dims, batch, field, device, steps):
+    """RK4 written as plain torch (the textbook loop): the baseline for the fused stages."""
+    x = torch.randn(batch, *x_dims, device=device)
+    grid = torch.linspace(0.0, 1.0, steps + 1, device=device)
+    ones = [1] * len(x_dims)
+    for i in range(steps):
+        t = grid[i].view(1, *ones).expand(batch, *ones)
+        dt = (grid[i + 1] - grid[i]).view(1, *ones)
+        k1 = field(x=x, t=t)
+        k2 = field(x=x + dt / 2 * k1, t=t + dt / 2)
+        k3 = field(x=x + dt / 2 * k2, t=t + dt / 2)
+        k4 = field(x=x + dt * k3, t=t + dt)
+        x = x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+def plain_guided_euler(x_dims, batch, field, device, steps, weight):
+    """Classifier-free-guided Euler as plain torch: doubled batch, split, combine, update."""
+    x = torch.randn(batch, *x_dims, device=device)
+    grid = torch.linspace(0.0, 1.0, steps + 1, device=device)
+    ones = [1] * len(x_dims)
+    for i in range(steps):
+        t = grid[i].view(1, *ones).expand(2 * batch, *ones)
+        dt = (grid[i + 1] - grid[i]).view(1, *ones)
+        v = field(x=torch.cat([x, x]), t=t)
+        vc, vu = v[:batch].float(), v[batch:].float()
+        x = x + dt * (vu + weight * (vc - vu))
+    return x
+
+
+def method_variants(kind, x_dims, batch, field, device, steps, weight=2.5):
+    """``{name: callable}`` for rk4 or guided Euler: plain torch, ours eager, ours captured."""
+    from flowmatch_fast import backends as be
+
+    device = torch.device(device)
+    if kind == "rk4":
+        out = {"plain-torch": lambda: plain_rk4(x_dims, batch, field, device, steps)}
+        opts = dict(int_method="rk4")
+    else:
+        out = {"plain-torch": lambda: plain_guided_euler(x_dims, batch, field, device, steps,
+                                                         weight)}
+        opts = dict(guidance=True, guidance_weight=weight)
+    for name in ("torch", "triton", "cuda"):
+        if be.unavailable_reason(name, device) is not None:
+            continue
+        fm = FlowMatching(x_dims=x_dims, num_inference_steps=steps, backend=name)
+        out[f"ours-{name}"] = lambda fm=fm: fm.sample(batch, field, device=device, **opts)
+        if device.type == "cuda":
+            out[f"graph-{name}"] = fm.capture(batch, field, device=device, **opts)
+    return out
+
+
+def _methods_section(row, reps):
+    """rk4 and guided Euler, fused vs the same method in plain torch (issue: beyond Euler)."""
+    cases = [
+        ("rk4-W1-b6", "rk4", ALPAMAYO_DIMS, 6, TinyExpert().cuda(), 10),
+        ("rk4-50MB-5steps", "rk4", W2_DIMS, W2_BATCH, StoredField(W2_BATCH, W2_DIMS, "cuda"), 5),
+        ("cfg-euler-W1-b6", "cfg", ALPAMAYO_DIMS, 6, TinyExpert().cuda(), 10),
+        ("cfg-euler-50MB-10steps", "cfg", W2_DIMS, W2_BATCH // 2,
+         StoredField(W2_BATCH, W2_DIMS, "cuda"), 10),
+    ]
+    for label, kind, dims, batch, field, steps in cases:
+        variants = method_variants(kind, dims, batch, field, "cuda", steps)
+        base = None
+        for name, fn in variants.items():
+            med, _ = cuda_time(fn, reps=reps if batch < 100 else max(10, reps // 5))
+            base = base or med
+            row(label, name, med, speedup_vs_plain=round(base / med, 2))
+
+
+EXTRA_GPU_SECTIONS = [("methods", _methods_section)]

@@ -7,23 +7,22 @@ raises ``RuntimeError`` with the reason and the fix; only ``"auto"`` falls back,
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from typing import Optional
 
 import torch
 
+from .kernels import cuda_euler, reference, triton_euler
+
 logger = logging.getLogger("flowmatch_fast")
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_VAR = "FLOWMATCH_FAST_BACKEND"
 
-_MODULES = {
-    "torch": "flowmatch_fast.kernels.reference",
-    "triton": "flowmatch_fast.kernels.triton_euler",
-    "cuda": "flowmatch_fast.kernels.cuda_euler",
-}
+# Imported eagerly (each imports its toolchain lazily; triton_euler registers its torch.library
+# ops when Triton is installed), so that torch.compile can trace a plain dict lookup.
+_MODULES = {"torch": reference, "triton": triton_euler, "cuda": cuda_euler}
 # auto's order of preference on a CUDA device: the compiled kernel has the lowest launch cost.
 _AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 _logged_fallbacks: set = set()
@@ -40,30 +39,25 @@ def check_backend_name(name: Optional[str]) -> str:
     return name
 
 
-def _module(name: str):
-    return importlib.import_module(_MODULES[name])
-
-
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """Why backend ``name`` cannot run on ``device``, or ``None`` when it can."""
-    if name == "torch":
-        return None
-    try:
-        mod = _module(name)
-    except ImportError as exc:  # the kernel module imports its toolchain lazily; be safe anyway
-        return f"its module failed to import ({exc})"
-    return mod.unavailable_reason(device)
+    return _MODULES[name].unavailable_reason(torch.device(device))
 
 
-def resolve(name: str, device: torch.device):
-    """The backend module to use for ``name`` on ``device``."""
+@torch.compiler.assume_constant_result
+def _resolve_name(name: str, device_type: str, device_index: int) -> str:
+    """The concrete backend for a request on a device; raises when an explicit one can't run.
+
+    A constant for torch.compile (it runs once at trace time), so ``sample`` traces through.
+    """
+    device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
     if name == "auto":
         if device.type != "cuda":
-            return _module("torch")
+            return "torch"
         for candidate in _AUTO_ORDER_CUDA:
             reason = unavailable_reason(candidate, device)
             if reason is None:
-                return _module(candidate)
+                return candidate
             if candidate not in _logged_fallbacks:
                 _logged_fallbacks.add(candidate)
                 logger.info("flowmatch_fast: backend %r skipped by auto: %s", candidate, reason)
@@ -71,7 +65,13 @@ def resolve(name: str, device: torch.device):
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise RuntimeError(f"flowmatch_fast backend {name!r} is not available on {device}: {reason}")
-    return _module(name)
+    return name
+
+
+def resolve(name: str, device: torch.device):
+    """The backend module to use for ``name`` on ``device``."""
+    index = device.index if device.index is not None else -1
+    return _MODULES[_resolve_name(name, device.type, index)]
 
 
 def available_backends(device="cuda") -> dict:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -284,8 +283,7 @@ class FlowMatching(BaseDiffusion):
         return F.mse_loss(target, pred)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
+class _Plan(NamedTuple):
     """Everything one sampling call resolved before running (and what a graph bakes in)."""
 
     batch_size: int

@@ -231,6 +231,12 @@ def _register_op():
                                          k_uncond, guidance_weight)
         wrap_triton(_kernels()[1])[grid](*args, **meta)
 
+    # The ops only write buffers they are given: their fake (meta) implementation does nothing.
+    # (triton_op derives one itself for compiled kernels; under TRITON_INTERPRET the kernel is an
+    # interpreter object it cannot see through, so say it explicitly.)
+    for op in (triton_euler_step, triton_stage_step):
+        op.register_fake(lambda *args, **kwargs: None)
+
 
 _register_op()
 
