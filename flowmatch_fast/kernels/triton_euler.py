@@ -46,9 +46,9 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     triton, why = _triton()
     if triton is None:
         return why
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and interpret_mode():
+    if device.type == "cuda" or (device.type == "cpu" and interpret_mode()):
+        if torch.compiler.is_compiling():  # trace time: the ops must exist before they are traced
+            register_ops()
         return None
     return (f"Triton kernels run on CUDA tensors (got device {device.type!r}); set "
             "TRITON_INTERPRET=1 to run them on CPU tensors through the interpreter (slow, for tests)")
@@ -199,10 +199,15 @@ def stage_step(
     return out, acc_out
 
 
-def _register_op():
-    """``flowmatch_fast::triton_euler_step`` as a ``triton_op``, so torch.compile traces through."""
+@functools.lru_cache(maxsize=None)
+def register_ops() -> bool:
+    """Register ``flowmatch_fast::triton_euler_step`` / ``triton_stage_step`` as ``triton_op``s.
+
+    Done on demand, when torch.compile traces a call (``unavailable_reason`` runs at trace time):
+    registering imports torch._inductor, about 1.7 s that eager users should not pay at import.
+    """
     if _triton()[0] is None or not hasattr(torch.library, "triton_op"):
-        return
+        return False
     from torch.library import triton_op, wrap_triton
 
     @triton_op("flowmatch_fast::triton_euler_step", mutates_args={"out", "traj"})
@@ -236,9 +241,7 @@ def _register_op():
     # interpreter object it cannot see through, so say it explicitly.)
     for op in (triton_euler_step, triton_stage_step):
         op.register_fake(lambda *args, **kwargs: None)
-
-
-_register_op()
+    return True
 
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
