@@ -271,6 +271,7 @@ def main():
             except Exception:  # noqa: BLE001 - one broken section must not lose the others
                 traceback.print_exc()
                 row(name, "ERROR", None, error=traceback.format_exc(limit=3)[-400:])
+            write_results(env, args.out)  # after every section: a time limit loses only the rest
     stem = write_results(env, args.out)
     print(f"\nwrote {stem}.json and {stem}.md\n")
     print(open(stem + ".md").read())

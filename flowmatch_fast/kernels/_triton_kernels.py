@@ -30,6 +30,49 @@ def field_offsets(offs, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5, V_NDIM: tl.c
         rem = rem // d1
     return v_offs + rem * s0
 
+
+@triton.jit
+def block_offsets(n_total, row_len, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """This program's flat element offsets, mask, and (row, column) in the [B, M] view.
+
+    ROWS: one program per (column block, row), so row-contiguous trajectory stores vectorize.
+    """
+    if ROWS:
+        row = tl.program_id(1)
+        col = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = col < row_len
+        offs = row * row_len + col
+    else:
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_total
+        row = 0
+        col = offs
+    return offs, mask, row, col
+
+
+@triton.jit
+def guided(v, vu_ptr, v_offs, mask, w_bits, p_type: tl.constexpr):
+    """vu + w * (vc - vu), each op rounded in the product dtype; w arrives as float64 bits."""
+    vu = tl.load(vu_ptr + v_offs, mask=mask).to(p_type)
+    w = w_bits.to(tl.int64).to(tl.float64, bitcast=True).to(p_type)
+    return vu + w * (v - vu)
+
+
+@triton.jit
+def store_state(out_ptr, traj_ptr, res, offs, mask, row, col, row_len, traj_row_stride,
+                dup_offset, ROWS: tl.constexpr, HAS_TRAJ: tl.constexpr, DUP_OUT: tl.constexpr):
+    """The new state into ``out`` (twice for the doubled batch) and the trajectory slot."""
+    tl.store(out_ptr + offs, res, mask=mask)
+    if DUP_OUT:
+        tl.store(out_ptr + dup_offset + offs, res, mask=mask)
+    if HAS_TRAJ:
+        if ROWS:
+            tl.store(traj_ptr + row * traj_row_stride + col, res, mask=mask)
+        else:
+            r = offs // row_len
+            tl.store(traj_ptr + r * traj_row_stride + (offs - r * row_len), res, mask=mask)
+
+
 @triton.jit
 def euler_kernel(
     x_ptr, v_ptr, vu_ptr, grid_ptr, out_ptr, traj_ptr,
@@ -40,14 +83,7 @@ def euler_kernel(
     ROWS: tl.constexpr, HAS_TRAJ: tl.constexpr, DUP_OUT: tl.constexpr,
     GUIDED: tl.constexpr, P_F64: tl.constexpr, S_F64: tl.constexpr,
 ):
-    if ROWS:  # program (column block, row): row-contiguous offsets, so trajectory stores vectorize
-        row = tl.program_id(1)
-        col = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = col < row_len
-        offs = row * row_len + col
-    else:
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_total
+    offs, mask, row, col = block_offsets(n_total, row_len, BLOCK, ROWS)
 
     if V_CONTIG:
         v_offs = offs
@@ -67,22 +103,13 @@ def euler_kernel(
         s_type = tl.float32
 
     v = tl.load(v_ptr + v_offs, mask=mask).to(p_type)
-    if GUIDED:  # vu + w * (vc - vu), each op rounded in the product dtype
-        vu = tl.load(vu_ptr + v_offs, mask=mask).to(p_type)
-        w = w_bits.to(tl.int64).to(tl.float64, bitcast=True).to(p_type)
-        v = vu + w * (v - vu)
+    if GUIDED:
+        v = guided(v, vu_ptr, v_offs, mask, w_bits, p_type)
     prod = dt.to(p_type) * v
     x = tl.load(x_ptr + offs, mask=mask).to(s_type)
     res = x + prod.to(s_type)
-    tl.store(out_ptr + offs, res, mask=mask)
-    if DUP_OUT:
-        tl.store(out_ptr + dup_offset + offs, res, mask=mask)
-    if HAS_TRAJ:
-        if ROWS:
-            tl.store(traj_ptr + row * traj_row_stride + col, res, mask=mask)
-        else:
-            r = offs // row_len
-            tl.store(traj_ptr + r * traj_row_stride + (offs - r * row_len), res, mask=mask)
+    store_state(out_ptr, traj_ptr, res, offs, mask, row, col, row_len, traj_row_stride,
+                dup_offset, ROWS, HAS_TRAJ, DUP_OUT)
 
 @triton.jit
 def stage_kernel(
@@ -96,14 +123,7 @@ def stage_kernel(
     FROM_ACC: tl.constexpr, COEF_ONE: tl.constexpr,
 ):
     """One Runge-Kutta stage (see ``reference.stage_step``), every op rounded in ``C``."""
-    if ROWS:
-        row = tl.program_id(1)
-        col = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = col < row_len
-        offs = row * row_len + col
-    else:
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_total
+    offs, mask, row, col = block_offsets(n_total, row_len, BLOCK, ROWS)
     if V_CONTIG:
         k_offs = offs
     else:
@@ -122,9 +142,7 @@ def stage_kernel(
         h = h * coef_bits.to(tl.int64).to(tl.float64, bitcast=True).to(c_type)
     k = tl.load(k_ptr + k_offs, mask=mask).to(p_type)
     if GUIDED:
-        ku = tl.load(ku_ptr + k_offs, mask=mask).to(p_type)
-        w = w_bits.to(tl.int64).to(tl.float64, bitcast=True).to(p_type)
-        k = ku + w * (k - ku)
+        k = guided(k, ku_ptr, k_offs, mask, w_bits, p_type)
     kk = k.to(c_type)
     if ACC_W2:
         s = kk * 2.0
@@ -139,12 +157,5 @@ def stage_kernel(
     else:
         d = kk
     res = tl.load(x_ptr + offs, mask=mask).to(c_type) + h * d
-    tl.store(out_ptr + offs, res, mask=mask)
-    if DUP_OUT:
-        tl.store(out_ptr + dup_offset + offs, res, mask=mask)
-    if HAS_TRAJ:
-        if ROWS:
-            tl.store(traj_ptr + row * traj_row_stride + col, res, mask=mask)
-        else:
-            r = offs // row_len
-            tl.store(traj_ptr + r * traj_row_stride + (offs - r * row_len), res, mask=mask)
+    store_state(out_ptr, traj_ptr, res, offs, mask, row, col, row_len, traj_row_stride,
+                dup_offset, ROWS, HAS_TRAJ, DUP_OUT)
