@@ -89,13 +89,13 @@ class FlowMatching(BaseDiffusion):
         if timesteps is not None:
             if shift is not None:
                 raise ValueError("give either timesteps= or shift=, not both")
-            grid_values = _check_timesteps(timesteps, device)
+            grid_values, grid_key = _check_timesteps(timesteps, device)
             steps = grid_values.numel() - 1
             if inference_step is not None and inference_step != steps:
                 raise ValueError(f"inference_step={inference_step} but timesteps has {steps + 1} "
                                  f"entries ({steps} steps); they must agree")
         else:
-            grid_values = None
+            grid_values = grid_key = None
             steps = self.num_inference_steps if inference_step is None else inference_step
             _check_positive_int("inference_step", steps)
         if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float))
@@ -116,7 +116,8 @@ class FlowMatching(BaseDiffusion):
                                  f"sampling device {device}")
         return _Plan(batch_size, device, steps, method, bool(return_all_steps),
                      backends.resolve(self.backend, device), bool(guidance), weight,
-                     grid_values, None if shift in (None, 1, 1.0) else float(shift), noise, generator)
+                     grid_values, grid_key, None if shift in (None, 1, 1.0) else float(shift),
+                     noise, generator)
 
     def _run(self, plan: "_Plan", step_fn):
         """The eager sampling call (also what a CUDA graph captures)."""
@@ -295,6 +296,7 @@ class _Plan(NamedTuple):
     guidance: bool
     weight: float
     grid_values: Optional[torch.Tensor]
+    grid_key: Optional[tuple]  # the explicit grid's values, read on the host at validation
     shift: Optional[float]
     noise: Optional[torch.Tensor]
     generator: Optional[torch.Generator]
@@ -304,9 +306,8 @@ class _Plan(NamedTuple):
         device = self.device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        grid = None if self.grid_values is None else tuple(self.grid_values.tolist())
         return (device, self.batch_size, self.steps, self.method, self.return_all_steps,
-                self.backend.__name__, self.guidance, self.weight, grid, self.shift)
+                self.backend.__name__, self.guidance, self.weight, self.grid_key, self.shift)
 
 
 def shifted_grid(values: torch.Tensor, shift: float) -> torch.Tensor:
@@ -322,8 +323,8 @@ def shifted_grid(values: torch.Tensor, shift: float) -> torch.Tensor:
     return out
 
 
-def _check_timesteps(timesteps, device: torch.device) -> torch.Tensor:
-    """Validate an explicit grid on the host; return it as float32 on ``device``."""
+def _check_timesteps(timesteps, device: torch.device):
+    """Validate an explicit grid on the host; return it as float32 on ``device``, and its values."""
     if isinstance(timesteps, torch.Tensor):
         if timesteps.device.type != "cpu" and timesteps.device != device:
             raise ValueError(f"timesteps is on {timesteps.device}; expected the sampling device "
@@ -346,7 +347,7 @@ def _check_timesteps(timesteps, device: torch.device) -> torch.Tensor:
         bad = int((steps <= 0).nonzero()[0])
         raise ValueError(f"timesteps must be strictly increasing (in float32); entry {bad + 1} "
                          f"({host[bad + 1].item()}) does not exceed entry {bad} ({host[bad].item()})")
-    return host.to(device)
+    return host.to(device), tuple(host.tolist())
 
 
 def _check_noise(noise, shape, device: torch.device) -> None:

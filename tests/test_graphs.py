@@ -232,3 +232,32 @@ def test_sample_inside_a_user_graph_and_without_host_syncs():
     g.replay()
     torch.manual_seed(11)
     assert torch.equal(out, fm.sample(6, field, device="cuda", cuda_graph=False))
+
+
+@gpu
+@needs_cuda
+def test_capture_with_methods_guidance_grid_noise_and_generator():
+    fm = FlowMatching(x_dims=(64, 2))
+    field = _mlp_field((64, 2), "cuda")
+    opts = dict(int_method="rk4", guidance=True, guidance_weight=2.0,
+                timesteps=[0.0, 0.1, 0.3, 0.6, 1.0])
+    sampler = fm.capture(6, field, device="cuda", return_all_steps=True, **opts)
+    torch.manual_seed(1)
+    replay = sampler()
+    torch.manual_seed(1)
+    eager = fm.sample(6, field, device="cuda", return_all_steps=True, **opts)
+    assert torch.equal(replay[0], eager[0]) and torch.equal(replay[1], eager[1])
+
+    noise = torch.randn(6, 64, 2, device="cuda")
+    from_noise = fm.capture(6, field, device="cuda", noise=noise, int_method="heun")
+    for _ in range(2):
+        noise.normal_()  # updated in place: the graph reads it on every replay
+        assert torch.equal(from_noise(), fm.sample(6, field, device="cuda", noise=noise,
+                                                   int_method="heun"))
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    from_gen = fm.capture(6, field, device="cuda", generator=gen)
+    gen.manual_seed(5)
+    twin = torch.Generator(device="cuda").manual_seed(5)
+    for _ in range(2):
+        assert torch.equal(from_gen(), fm.sample(6, field, device="cuda", generator=twin))
