@@ -49,3 +49,8 @@ def pytest_terminal_summary(terminalreporter):
         for name, median in sorted(rows.items(), key=lambda kv: kv[1]):
             ratio = f"{median / base:6.3f}x of original" if base else ""
             terminalreporter.write_line(f"{group:28s} {name:16s} {median * 1e6:11.1f} us  {ratio}")
+
+
+def pytest_configure(config):
+    # A case skipped for lack of a GPU or a backend never reaches its benchmark: not a problem.
+    config.addinivalue_line("filterwarnings", "ignore:Benchmark fixture was not used")
