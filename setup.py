@@ -1,7 +1,7 @@
 """Build script: the pure-Python package always; the CUDA extension when nvcc is found.
 
-The extension ``flowmatch_fast._cuda_euler`` (csrc/euler_kernel.cu + csrc/binding.cpp) is built
-with nvcc through ninja (plain nvcc calls when ninja is missing). It links only the static CUDA
+The extension ``flowmatch_fast._cuda_euler`` (csrc/euler_kernel.cu, csrc/stage_kernel.cu, their
+shared csrc/common.cuh, and csrc/binding.cpp) is built with nvcc through ninja (plain nvcc calls when ninja is missing). It links only the static CUDA
 runtime, never torch, so one build serves every torch version. Package metadata and the package
 list live in pyproject.toml.
 
@@ -41,7 +41,9 @@ except ImportError:  # pragma: no cover - packaging is a build requirement; setu
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "flowmatch_fast._cuda_euler"
-KERNEL_SOURCE = os.path.join("csrc", "euler_kernel.cu")
+# The two kernel files compile in parallel (ninja runs them side by side).
+KERNEL_SOURCES = (os.path.join("csrc", "euler_kernel.cu"), os.path.join("csrc", "stage_kernel.cu"))
+KERNEL_HEADER = os.path.join("csrc", "common.cuh")
 BINDING_SOURCE = os.path.join("csrc", "binding.cpp")
 SKIP_ENV = "FLOWMATCH_FAST_SKIP_CUDA_BUILD"
 ARCHS_ENV = "FLOWMATCH_FAST_CUDA_ARCHS"
@@ -209,24 +211,28 @@ class NvccBuildExt(build_ext):
         if platinclude and platinclude != sysconfig.get_paths()["include"]:
             includes.append(f"-I{platinclude}")
         common = ["-std=c++17", "-Xcompiler=-fPIC", "-Xcompiler=-fvisibility=hidden", arch_macro]
-        kernel_obj = os.path.join(build_dir, "euler_kernel.o")
-        binding_obj = os.path.join(build_dir, "binding.o")
-        compile_kernel = [
-            nvcc, "-c", os.path.join(ROOT, KERNEL_SOURCE), "-o", kernel_obj, *common, "-O3",
-            # No FMA contraction anywhere (the kernel's intrinsics already forbid it there), and
+        kernel_flags = [
+            *common, "-O3",
+            # No FMA contraction anywhere (the kernels' intrinsics already forbid it there), and
             # IEEE behaviour (denormals kept, exact division/sqrt): bitwise parity with PyTorch.
             "-fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true",
             # Compile the arch targets in parallel inside nvcc.
             f"--threads={max(1, min(len(flags), jobs))}",
             *flags,
         ]
-        # binding.cpp is host C++; nvcc hands it to the host compiler with the CUDA include path.
-        compile_binding = [
-            nvcc, "-c", os.path.join(ROOT, BINDING_SOURCE), "-o", binding_obj, *common, "-O2",
-            *includes,
-        ]
+        # (command, source, object) of each compile; binding.cpp is host C++, which nvcc hands to
+        # the host compiler with the CUDA include path.
+        compiles = []
+        for source in KERNEL_SOURCES:
+            obj = os.path.join(build_dir, os.path.splitext(os.path.basename(source))[0] + ".o")
+            src = os.path.join(ROOT, source)
+            compiles.append(([nvcc, "-c", src, "-o", obj, *kernel_flags], src, obj))
+        binding_obj = os.path.join(build_dir, "binding.o")
+        binding_src = os.path.join(ROOT, BINDING_SOURCE)
+        compiles.append(([nvcc, "-c", binding_src, "-o", binding_obj, *common, "-O2", *includes],
+                         binding_src, binding_obj))
         link = [
-            nvcc, "-shared", kernel_obj, binding_obj, "-o", output,
+            nvcc, "-shared", *(obj for _, _, obj in compiles), "-o", output,
             "-cudart=static", "-ldl", "-lrt", "-lpthread",
             # Keep the static runtime's symbols private, so that calls inside the module can never
             # bind to the libcudart that torch loads into the process.
@@ -236,29 +242,29 @@ class NvccBuildExt(build_ext):
               f"{' '.join(targets)}", file=sys.stderr)
         ninja = _find_ninja()
         if ninja:
-            self._run_ninja(ninja, build_dir, jobs, compile_kernel, compile_binding, link,
-                            kernel_obj, binding_obj, output)
+            self._run_ninja(ninja, build_dir, jobs, compiles, link, output)
         else:
-            self._run_direct(compile_kernel, compile_binding, link)
+            self._run_direct(compiles, link)
 
     @staticmethod
-    def _run_ninja(ninja, build_dir, jobs, compile_kernel, compile_binding, link,
-                   kernel_obj, binding_obj, output):
+    def _run_ninja(ninja, build_dir, jobs, compiles, link, output):
         e = _ninja_escape_path
-        lines = [
-            "ninja_required_version = 1.3",
-            "rule compile_kernel",
-            f"  command = {_command(compile_kernel)}",
-            "  description = nvcc euler_kernel.cu",
-            "rule compile_binding",
-            f"  command = {_command(compile_binding)}",
-            "  description = nvcc binding.cpp",
+        header = os.path.join(ROOT, KERNEL_HEADER)
+        lines = ["ninja_required_version = 1.3"]
+        for n, (cmd, src, obj) in enumerate(compiles):
+            lines += [
+                f"rule compile_{n}",
+                f"  command = {_command(cmd)}",
+                f"  description = nvcc {os.path.basename(src)}",
+                # The kernels include common.cuh: an implicit input, so that editing it rebuilds.
+                f"build {e(obj)}: compile_{n} {e(src)}"
+                + (f" | {e(header)}" if src.endswith(".cu") else ""),
+            ]
+        lines += [
             "rule link",
             f"  command = {_command(link)}",
             "  description = link _cuda_euler",
-            f"build {e(kernel_obj)}: compile_kernel {e(os.path.join(ROOT, KERNEL_SOURCE))}",
-            f"build {e(binding_obj)}: compile_binding {e(os.path.join(ROOT, BINDING_SOURCE))}",
-            f"build {e(output)}: link {e(kernel_obj)} {e(binding_obj)}",
+            f"build {e(output)}: link {' '.join(e(obj) for _, _, obj in compiles)}",
             f"default {e(output)}",
             "",
         ]
@@ -267,10 +273,10 @@ class NvccBuildExt(build_ext):
         subprocess.run([ninja, "-C", build_dir, "-j", str(jobs)], check=True)
 
     @staticmethod
-    def _run_direct(compile_kernel, compile_binding, link):
-        procs = [subprocess.Popen(cmd) for cmd in (compile_kernel, compile_binding)]
-        codes = [p.wait() for p in procs]
-        for cmd, code in zip((compile_kernel, compile_binding), codes):
+    def _run_direct(compiles, link):
+        procs = [(cmd, subprocess.Popen(cmd)) for cmd, _, _ in compiles]
+        codes = [(cmd, p.wait()) for cmd, p in procs]
+        for cmd, code in codes:
             if code != 0:
                 raise subprocess.CalledProcessError(code, cmd)
         subprocess.run(link, check=True)
@@ -283,6 +289,8 @@ if SKIP_REASON is not None and BUILD_COMMANDS.intersection(sys.argv[1:]):
           file=sys.stderr)
 
 setup(
-    ext_modules=[] if SKIP_REASON else [CudaExtension(EXT_NAME, sources=[KERNEL_SOURCE, BINDING_SOURCE])],
+    ext_modules=[] if SKIP_REASON else [
+        # depends: the shared header goes into an sdist and marks the sources it feeds.
+        CudaExtension(EXT_NAME, sources=[*KERNEL_SOURCES, BINDING_SOURCE], depends=[KERNEL_HEADER])],
     cmdclass={"build_ext": NvccBuildExt},
 )

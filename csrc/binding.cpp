@@ -1,4 +1,4 @@
-// Python bindings of the fused Euler kernel: flowmatch_fast._cuda_euler.
+// Python bindings of the fused Euler and Runge-Kutta stage kernels: flowmatch_fast._cuda_euler.
 //
 // Deliberately torch-free: tensors arrive as raw device pointers (ints), dtype codes, sizes and
 // strides, and the stream as the integer handle of PyTorch's current stream. The module links
@@ -22,7 +22,7 @@
 
 namespace py = pybind11;
 
-// Defined in euler_kernel.cu. C++ linkage on purpose: the mangled names carry the parameter
+// Defined in euler_kernel.cu (and stage_kernel.cu, below). C++ linkage on purpose: the mangled names carry the parameter
 // types, so a declaration here that drifts from the definition fails at link time.
 namespace fmf {
 int max_dims();
@@ -35,6 +35,14 @@ cudaError_t launch_euler_step(int state_code, int field_code, const void* x, con
                               cudaStream_t stream);
 bool field_offsets_host(int rank, const int64_t* sizes, const int64_t* strides,
                         const int64_t* indices, int64_t count, bool force64, int64_t* result);
+// Defined in stage_kernel.cu.
+cudaError_t launch_stage_step(int state_code, int field_code, const void* x, const void* k,
+                              const void* k_uncond, const void* acc, void* out, void* acc_out,
+                              void* traj, int64_t n, bool doubled, int64_t traj_row,
+                              int64_t traj_stride, int rank, const int64_t* sizes,
+                              const int64_t* strides, const float* grid_step, double coef,
+                              bool acc_w2, bool from_acc, double guidance_weight, int device,
+                              cudaStream_t stream);
 }  // namespace fmf
 
 namespace {
@@ -107,34 +115,53 @@ class DeviceGuard {
   int previous_ = -1;
 };
 
-void euler_step(uintptr_t x, int state_code, uintptr_t v, uintptr_t v_uncond, int field_code,
-                uintptr_t out, bool doubled, uintptr_t traj, int64_t traj_row,
-                int64_t traj_stride, const std::vector<int64_t>& sizes,
-                const std::vector<int64_t>& field_strides, uintptr_t grid, int64_t step,
-                double guidance_weight, int device, uintptr_t stream) {
+// What both launches check and derive from their arguments: the element count and the
+// coalesced field dims. n == 0 means there is nothing to launch.
+struct Checked {
+  int64_t n;
+  std::pair<std::vector<int64_t>, std::vector<int64_t>> dims;
+  int rank;
+};
+
+Checked check_launch(int state_code, int field_code, uintptr_t x, uintptr_t field, uintptr_t out,
+                     uintptr_t traj, int64_t traj_row, int64_t traj_stride,
+                     const std::vector<int64_t>& sizes, const std::vector<int64_t>& field_strides,
+                     uintptr_t grid, int64_t step, int device) {
   if (state_code != kF32 && state_code != kF64) {
     throw py::value_error("flowmatch_fast._cuda_euler: state dtype code must be float32 or float64");
   }
   if (field_code < kF16 || field_code > kF64) {
     throw py::value_error("flowmatch_fast._cuda_euler: unknown field dtype code");
   }
-  int64_t n = 1;
-  for (int64_t s : sizes) n *= s;  // negative sizes are rejected by coalesce() below
-  auto dims = coalesce(sizes, field_strides);
-  if (n == 0) return;  // nothing to write: no launch
-  const int rank = static_cast<int>(dims.first.size());
-  if (rank > fmf::max_dims()) {
+  Checked c;
+  c.n = 1;
+  for (int64_t s : sizes) c.n *= s;  // negative sizes are rejected by coalesce() below
+  c.dims = coalesce(sizes, field_strides);
+  c.rank = static_cast<int>(c.dims.first.size());
+  if (c.n == 0) return c;  // nothing to write: no launch
+  if (c.rank > fmf::max_dims()) {
     throw py::value_error("flowmatch_fast._cuda_euler: the field has more than " +
                           std::to_string(fmf::max_dims()) + " dims after coalescing");
   }
-  if (x == 0 || v == 0 || out == 0 || grid == 0) {
+  if (x == 0 || field == 0 || out == 0 || grid == 0) {
     throw py::value_error("flowmatch_fast._cuda_euler: null tensor pointer");
   }
   if (step < 0) throw py::value_error("flowmatch_fast._cuda_euler: negative step index");
-  if (traj != 0 && (traj_row < 1 || n % traj_row != 0 || traj_stride < 0)) {
+  if (traj != 0 && (traj_row < 1 || c.n % traj_row != 0 || traj_stride < 0)) {
     throw py::value_error("flowmatch_fast._cuda_euler: bad trajectory row size or stride");
   }
   if (device < 0) throw py::value_error("flowmatch_fast._cuda_euler: bad device index");
+  return c;
+}
+
+void euler_step(uintptr_t x, int state_code, uintptr_t v, uintptr_t v_uncond, int field_code,
+                uintptr_t out, bool doubled, uintptr_t traj, int64_t traj_row,
+                int64_t traj_stride, const std::vector<int64_t>& sizes,
+                const std::vector<int64_t>& field_strides, uintptr_t grid, int64_t step,
+                double guidance_weight, int device, uintptr_t stream) {
+  const Checked c = check_launch(state_code, field_code, x, v, out, traj, traj_row, traj_stride,
+                                 sizes, field_strides, grid, step, device);
+  if (c.n == 0) return;
 
   cudaError_t err;
   {
@@ -143,11 +170,37 @@ void euler_step(uintptr_t x, int state_code, uintptr_t v, uintptr_t v_uncond, in
     err = fmf::launch_euler_step(
         state_code, field_code, reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(v),
         reinterpret_cast<const void*>(v_uncond), reinterpret_cast<void*>(out),
-        reinterpret_cast<void*>(traj), n, doubled, traj_row, traj_stride, rank,
-        dims.first.data(), dims.second.data(), reinterpret_cast<const float*>(grid) + step,
+        reinterpret_cast<void*>(traj), c.n, doubled, traj_row, traj_stride, c.rank,
+        c.dims.first.data(), c.dims.second.data(), reinterpret_cast<const float*>(grid) + step,
         guidance_weight, device, reinterpret_cast<cudaStream_t>(stream));
   }
   if (err != cudaSuccess) throw_cuda(err, "the Euler kernel launch");
+}
+
+// acc and acc_out (0 when absent) are contiguous arrays of the compute dtype, i.e. of out's.
+void stage_step(uintptr_t x, int state_code, uintptr_t k, uintptr_t k_uncond, int field_code,
+                uintptr_t acc, uintptr_t out, uintptr_t acc_out, bool doubled, uintptr_t traj,
+                int64_t traj_row, int64_t traj_stride, const std::vector<int64_t>& sizes,
+                const std::vector<int64_t>& field_strides, uintptr_t grid, int64_t step,
+                double coef, bool acc_w2, bool from_acc, double guidance_weight, int device,
+                uintptr_t stream) {
+  const Checked c = check_launch(state_code, field_code, x, k, out, traj, traj_row, traj_stride,
+                                 sizes, field_strides, grid, step, device);
+  if (c.n == 0) return;
+
+  cudaError_t err;
+  {
+    py::gil_scoped_release no_gil;
+    DeviceGuard guard(device);
+    err = fmf::launch_stage_step(
+        state_code, field_code, reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(k),
+        reinterpret_cast<const void*>(k_uncond), reinterpret_cast<const void*>(acc),
+        reinterpret_cast<void*>(out), reinterpret_cast<void*>(acc_out),
+        reinterpret_cast<void*>(traj), c.n, doubled, traj_row, traj_stride, c.rank,
+        c.dims.first.data(), c.dims.second.data(), reinterpret_cast<const float*>(grid) + step,
+        coef, acc_w2, from_acc, guidance_weight, device, reinterpret_cast<cudaStream_t>(stream));
+  }
+  if (err != cudaSuccess) throw_cuda(err, "the Runge-Kutta stage kernel launch");
 }
 
 int device_count() {
@@ -199,7 +252,8 @@ py::list field_offsets(const std::vector<int64_t>& sizes, const std::vector<int6
 }  // namespace
 
 PYBIND11_MODULE(_cuda_euler, m) {
-  m.doc() = "flowmatch_fast's fused Euler update (CUDA, torch-free binding; see cuda_euler.py)";
+  m.doc() = "flowmatch_fast's fused Euler update and Runge-Kutta stage (CUDA, torch-free "
+            "binding; see cuda_euler.py)";
   m.attr("MAX_DIMS") = fmf::max_dims();
   m.def("euler_step", &euler_step, py::arg("x"), py::arg("state_code"), py::arg("v"),
         py::arg("v_uncond"), py::arg("field_code"), py::arg("out"), py::arg("doubled"),
@@ -207,6 +261,14 @@ PYBIND11_MODULE(_cuda_euler, m) {
         py::arg("field_strides"), py::arg("grid"), py::arg("step"), py::arg("guidance_weight"),
         py::arg("device"), py::arg("stream"),
         "Launch out = x + (grid[step+1]-grid[step]) * v on `stream` (raw pointers; async).");
+  m.def("stage_step", &stage_step, py::arg("x"), py::arg("state_code"), py::arg("k"),
+        py::arg("k_uncond"), py::arg("field_code"), py::arg("acc"), py::arg("out"),
+        py::arg("acc_out"), py::arg("doubled"), py::arg("traj"), py::arg("traj_row"),
+        py::arg("traj_stride"), py::arg("sizes"), py::arg("field_strides"), py::arg("grid"),
+        py::arg("step"), py::arg("coef"), py::arg("acc_w2"), py::arg("from_acc"),
+        py::arg("guidance_weight"), py::arg("device"), py::arg("stream"),
+        "Launch one Runge-Kutta stage (reference.stage_step's arithmetic) on `stream` "
+        "(raw pointers; async).");
   m.def("device_count", &device_count,
         "cudaGetDeviceCount through the extension's runtime; RuntimeError with CUDA's message.");
   m.def("build_info", &build_info, "Compiled archs and CUDA runtime version.");

@@ -1,10 +1,13 @@
 """The compiled CUDA backend (flowmatch_fast._cuda_euler): build, binary contents, errors, parity.
 
 CPU-runnable: the extension is built wherever nvcc is (fail, not skip, when it is missing: CI
-builds it in its normal install step), its binary holds sm_90 machine code without fused
-multiply-adds, its host-side indexing is right, and without a GPU every entry point says what
-is wrong. On a CUDA machine (``-m gpu``): bitwise parity with the reference over dtypes, sizes,
-layouts, guidance, trajectory and doubled outputs, misaligned pointers, streams and graphs.
+builds it in its normal install step), its binary holds sm_90 machine code of both kernels (the
+Euler update and the Runge-Kutta stage) without fused multiply-adds, its host-side indexing and
+argument checks are right, without a GPU every entry point says what is wrong, and
+``torch.compile(fullgraph=True)`` traces a cuda-backend ``sample`` into the custom ops (on meta
+tensors). On a CUDA machine (``-m gpu``): bitwise parity with the reference over dtypes, sizes,
+layouts, guidance, trajectory and doubled outputs, misaligned pointers, streams and graphs, for
+the Euler update and for every stage of every Runge-Kutta method; compiled sampling equals eager.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import pytest
 import torch
 
 from flowmatch_fast import FlowMatching
+from flowmatch_fast.integrators import METHODS
 from flowmatch_fast.kernels import cuda_euler, reference
-from flowmatch_fast.kernels.reference import TimeGrid, result_dtype
+from flowmatch_fast.kernels.reference import TimeGrid, result_dtype, stage_dtype
 
 EXT = "flowmatch_fast._cuda_euler"
 SKIP_BUILD = os.environ.get("FLOWMATCH_FAST_SKIP_CUDA_BUILD", "").strip().lower() in (
@@ -79,6 +83,7 @@ def test_extension_is_built_when_nvcc_is_on_path():
         pytest.fail(f"nvcc is on PATH but {EXT} does not import ({exc}); the install step must "
                     "build it: pip install --no-build-isolation -e .")
     assert ext.MAX_DIMS >= 6
+    assert callable(ext.euler_step) and callable(ext.stage_step)
     assert set(ext.dtype_codes()) == {"float16", "bfloat16", "float32", "float64"}
     assert "CUDA runtime" in ext.build_info()
     if not ARCHS_OVERRIDDEN:
@@ -96,14 +101,17 @@ def test_binary_holds_sm90_machine_code_and_ptx():
         assert re.search(rf"\.sm_{target[len('compute_'):]}\.ptx", ptx), (target, ptx)
     if not ARCHS_OVERRIDDEN:
         assert ".sm_90.cubin" in elf and ".sm_90.ptx" in ptx
-    # Every variant of the kernel is in the sm_90 image: 2 state x 4 field dtypes x 16 flags.
+    # Every variant of both kernels is in the sm_90 image: 2 state x 4 field dtypes x 16 flags
+    # for the Euler update; 2 x 4 x (contiguous, guided) for the stage (its other flags are
+    # run-time, see csrc/stage_kernel.cu).
     if "sm_90" in archs:
         usage = _dump("--dump-resource-usage", "-arch", "sm_90")
-        found = re.findall(r"Function (_ZN3fmf12euler_kernel\w+):\s+REG:(\d+) STACK:(\d+) "
-                           r"SHARED:\d+ LOCAL:(\d+)", usage)
-        assert len({name for name, *_ in found}) == 2 * 4 * 16, len(found)
-        for name, regs, stack, local in found:  # no spills, no local arrays
-            assert stack == "0" and local == "0", (name, regs, stack, local)
+        for kernel, count in (("12euler_kernel", 2 * 4 * 16), ("12stage_kernel", 2 * 4 * 4)):
+            found = re.findall(rf"Function (_ZN3fmf{kernel}\w+):\s+REG:(\d+) STACK:(\d+) "
+                               r"SHARED:\d+ LOCAL:(\d+)", usage)
+            assert len({name for name, *_ in found}) == count, (kernel, len(found))
+            for name, regs, stack, local in found:  # no spills, no local arrays
+                assert stack == "0" and local == "0", (name, regs, stack, local)
 
 
 def _sass_functions(sass):
@@ -116,18 +124,39 @@ def test_sm90_sass_has_no_fused_multiply_add_and_uses_128_bit_accesses():
     if "sm_90" not in _ext_or_skip().compiled_archs():
         pytest.skip("built without sm_90")
     funcs = _sass_functions(_dump("-sass", "-arch", "sm_90"))
-    kernels = {k: v for k, v in funcs.items() if "euler_kernel" in k}
-    assert len(kernels) == 128
+    kernels = {k: v for k, v in funcs.items() if "euler_kernel" in k or "stage_kernel" in k}
+    assert len([k for k in kernels if "euler_kernel" in k]) == 128
+    assert len([k for k in kernels if "stage_kernel" in k]) == 32
     for name, text in kernels.items():
         # FFMA/DFMA would fuse dt * v + x (one rounding instead of two). HFMA2.MMA with zero
         # operands (-RZ, RZ) is only ptxas's idiom for loading a constant into a register.
         assert not re.search(r"\b[FD]FMA\b", text), name
         for line in re.findall(r"HFMA2[^;]*;", text):
             assert re.search(r"-RZ, RZ", line), (name, line)
-    # f32 state, f32 contiguous field, no flags: 128-bit loads and stores, FMUL then FADD.
+    # f32 state, f32 contiguous field, no flags: 128-bit loads and stores, FMUL then FADD; the
+    # same for the stage kernel (f32, contiguous, not guided), and f64 math in its f64 variant.
     f32 = kernels["_ZN3fmf12euler_kernelILi2ELi2ELb1ELb0ELb0ELb0EEEvNS_6ParamsIXT_EXT0_EEE"]
-    assert re.search(r"LDG\.E\.128", f32) and re.search(r"STG\.E\.128", f32)
-    assert "FMUL" in f32 and "FADD" in f32
+    stage_f32 = kernels["_ZN3fmf12stage_kernelILi2ELi2ELb1ELb0EEEvNS_11StageParamsIXT_EXT0_EEE"]
+    for text in (f32, stage_f32):
+        assert re.search(r"LDG\.E\.128", text) and re.search(r"STG\.E\.128", text)
+        assert "FMUL" in text and "FADD" in text
+    stage_f64 = kernels["_ZN3fmf12stage_kernelILi3ELi3ELb1ELb0EEEvNS_11StageParamsIXT_EXT0_EEE"]
+    assert "DMUL" in stage_f64 and "DADD" in stage_f64
+
+
+def test_ptx_has_no_fused_multiply_add_and_rounds_every_op():
+    """The embedded PTX is what the driver JIT-compiles for GPUs newer than the SASS targets: no
+    fma, and every float add/sub/mul carries .rn (an explicit rounding, which ptxas never
+    contracts), in both kernels."""
+    archs = _ext_or_skip().compiled_archs()
+    if not any(a.startswith("compute_") for a in archs):
+        pytest.skip("built without PTX")
+    ptx = _dump("-ptx")
+    for kernel in ("euler_kernel", "stage_kernel"):
+        assert re.search(rf"\.entry _ZN3fmf\d+{kernel}", ptx), kernel
+    assert not re.search(r"^\s*fma\.", ptx, re.MULTILINE)
+    ops = re.findall(r"^\s*(?:@%p\d+ )?((?:add|sub|mul)\S*\.f(?:32|64))\s", ptx, re.MULTILINE)
+    assert ops and all(".rn." in op for op in ops), sorted(set(ops))
 
 
 # ------------------------------------------------------------------ host-side index math
@@ -182,6 +211,143 @@ def test_runs_on_rules():
     assert cuda_euler._runs_on("sm_90a", 90) and not cuda_euler._runs_on("sm_90a", 100)
 
 
+def test_stage_binding_checks_its_arguments_before_any_cuda_call():
+    """Validation happens on the host, before the launch: these raise without a GPU."""
+    ext = _ext_or_skip()
+    codes = ext.dtype_codes()
+    f32, bf16 = codes["float32"], codes["bfloat16"]
+
+    def call(**over):
+        args = dict(x=16, state_code=f32, k=32, k_uncond=0, field_code=bf16, acc=0, out=48,
+                    acc_out=0, doubled=False, traj=0, traj_row=0, traj_stride=0, sizes=[2, 3],
+                    field_strides=[3, 1], grid=64, step=0, coef=0.5, acc_w2=False,
+                    from_acc=False, guidance_weight=1.0, device=0, stream=0)
+        args.update(over)
+        return ext.stage_step(**args)
+
+    with pytest.raises(ValueError, match="state dtype"):
+        call(state_code=codes["float16"])
+    with pytest.raises(ValueError, match="field dtype"):
+        call(field_code=9)
+    with pytest.raises(ValueError, match="null tensor pointer"):
+        call(x=0)
+    with pytest.raises(ValueError, match="trajectory"):
+        call(traj=80, traj_row=4, traj_stride=9)  # 4 does not divide the 6 elements
+    with pytest.raises(ValueError, match="negative step"):
+        call(step=-1)
+    with pytest.raises(ValueError, match="dims after coalescing"):
+        call(sizes=[2] * 9, field_strides=[4 ** (8 - d) for d in range(9)])  # nothing merges
+    assert call(sizes=[0, 3], field_strides=[3, 1]) is None  # nothing to write: no launch
+
+
+def test_custom_ops_are_registered_with_their_mutations():
+    """torch.compile records the launches as these ops; they write only their output buffers."""
+    assert cuda_euler._OPS_REGISTERED
+    euler = str(torch.ops.flowmatch_fast.cuda_euler_step.default._schema)
+    stage = str(torch.ops.flowmatch_fast.cuda_stage_step.default._schema)
+
+    def mutated(schema):  # the arguments annotated Tensor(a!) or Tensor(a!)?
+        return set(re.findall(r"Tensor\(\w+!\)\?? (\w+)", schema))
+
+    assert mutated(euler) == {"out", "traj"}, euler
+    assert mutated(stage) == {"out", "acc_out", "traj"}, stage
+    assert euler.endswith("-> ()") and stage.endswith("-> ()")
+
+
+class _Traced(Exception):
+    """Raised by the recording backend instead of running the graph (meta tensors hold no data)."""
+
+
+@pytest.mark.parametrize("method, kwargs", [
+    ("euler", {}),
+    ("rk4", {}),
+    ("heun", dict(guidance=True, guidance_weight=2.5, return_all_steps=True)),
+    ("midpoint", dict(return_all_steps=True)),
+], ids=["euler", "rk4", "heun-guided-traj", "midpoint-traj"])
+def test_torch_compile_traces_cuda_sampling_into_the_ops(monkeypatch, method, kwargs):
+    """fullgraph=True: a cuda-backend sample traces as one graph (no break), one op per update.
+
+    Traced on meta tensors (Dynamo runs on fake tensors anyway, so no GPU is needed); the
+    backend records the graph and stops. The GPU test below runs the same graph for real.
+    """
+    monkeypatch.setattr(cuda_euler, "unavailable_reason", lambda device: None)
+    steps = 3
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+
+        def stop(*args):
+            raise _Traced
+
+        return stop
+
+    def field(*, x, t):
+        return torch.sin(1.7 * x) - 0.5 * x * t + t
+
+    fm = FlowMatching(x_dims=(64, 2), backend="cuda", num_inference_steps=steps)
+
+    def run():
+        return fm.sample(6, field, device="meta", int_method=method, **kwargs)
+
+    torch._dynamo.reset()
+    with pytest.raises(_Traced):
+        torch.compile(run, fullgraph=True, backend=record)()
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    op = "flowmatch_fast.cuda_euler_step" if method == "euler" else "flowmatch_fast.cuda_stage_step"
+    assert targets.count(op) == steps * len(METHODS[method]), targets
+    other = "flowmatch_fast.cuda_stage_step" if method == "euler" else "flowmatch_fast.cuda_euler_step"
+    assert other not in targets
+
+
+def test_without_the_ops_compile_traces_the_reference(monkeypatch):
+    """A torch that rejected the registration: compiled code falls back to the reference ops."""
+    monkeypatch.setattr(cuda_euler, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(cuda_euler, "_OPS_REGISTERED", False)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward  # the reference ops run on meta tensors too
+
+    fm = FlowMatching(x_dims=(8,), backend="cuda", num_inference_steps=2)
+    torch._dynamo.reset()
+    torch.compile(lambda: fm.sample(3, lambda *, x, t: x * t, device="meta", int_method="heun"),
+                  fullgraph=True, backend=record)()
+    assert len(graphs) == 1
+    assert not any("flowmatch_fast" in str(n.target) for n in graphs[0].graph.nodes)
+
+
+def test_availability_check_is_a_constant_under_compile(monkeypatch):
+    """A first call under torch.compile (caches cold) must not break the graph: the check calls
+    into the extension, which Dynamo cannot trace, so it runs at trace time as a constant."""
+    from flowmatch_fast import backends
+
+    monkeypatch.setattr(cuda_euler, "_runtime_checked", False)
+    monkeypatch.setattr(cuda_euler, "_runtime_error", None)
+    monkeypatch.setattr(cuda_euler, "_arch_reasons", {})
+    expected = backends.unavailable_reason("cuda", torch.device("cuda"))
+    monkeypatch.setattr(cuda_euler, "_runtime_checked", False)
+    monkeypatch.setattr(cuda_euler, "_runtime_error", None)
+    monkeypatch.setattr(cuda_euler, "_arch_reasons", {})
+
+    def probe(x):
+        reason = backends.unavailable_reason("cuda", torch.device("cuda"))
+        return x + (0.0 if reason is None else 1.0)
+
+    torch._dynamo.reset()
+    got = torch.compile(probe, fullgraph=True, backend="eager")(torch.zeros(1))
+    assert got.item() == (0.0 if expected is None else 1.0)
+
+
+def test_stage_step_rejects_other_acc_weights():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="acc_weight must be 1 or 2"):
+        cuda_euler.stage_step(x, x, TimeGrid(torch.linspace(0, 1, 3), 2, 2), 0, 0.5, x,
+                              acc_weight=3.0)
+
+
 # ----------------------------------------------------------------------- without a GPU
 def test_cuda_backend_on_cpu_says_what_is_wrong():
     reason = cuda_euler.unavailable_reason(torch.device("cpu"))
@@ -196,9 +362,11 @@ def test_unbuilt_extension_reason_names_the_fix(monkeypatch):
     monkeypatch.setattr(cuda_euler, "_import_error", ImportError("No module named 'x'"))
     reason = cuda_euler.unavailable_reason(torch.device("cuda"))
     assert EXT in reason and "not built" in reason and "pip install" in reason
+    grid = TimeGrid(torch.linspace(0, 1, 3), 2, 2)
     with pytest.raises(RuntimeError, match="not built"):
-        cuda_euler.euler_step(torch.zeros(2, 3), torch.zeros(2, 3),
-                              TimeGrid(torch.linspace(0, 1, 3), 2, 2), 0)
+        cuda_euler.euler_step(torch.zeros(2, 3), torch.zeros(2, 3), grid, 0)
+    with pytest.raises(RuntimeError, match="not built"):
+        cuda_euler.stage_step(torch.zeros(2, 3), torch.zeros(2, 3), grid, 0, 0.5)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without GPU")
@@ -215,8 +383,11 @@ def test_without_gpu_the_extension_raises_clear_errors(monkeypatch):
     reason = cuda_euler.unavailable_reason(torch.device("cuda"))
     assert reason is not None and ("cudaGetDeviceCount" in reason or "no GPU" in reason)
     x = torch.zeros(2, 3)
+    grid = TimeGrid(torch.linspace(0, 1, 3), 2, 2)
     with pytest.raises(RuntimeError, match="CUDA tensors"):
-        cuda_euler.euler_step(x, x, TimeGrid(torch.linspace(0, 1, 3), 2, 2), 0)
+        cuda_euler.euler_step(x, x, grid, 0)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        cuda_euler.stage_step(x, x, grid, 0, 0.5, x, 2.0, True)
 
 
 # -------------------------------------------------------------------------- GPU parity
@@ -458,3 +629,216 @@ def test_parity_past_2_to_the_31_elements(cuda):
     traj_buf = torch.empty(rows, 2, cols, device=cuda)  # slot i+1 of a 2-slot trajectory
     cuda_euler.euler_step(x, v, grid, 0, traj=traj_buf[:, 1])
     assert torch.equal(traj_buf[:, 1], reference.euler_step(x, v, grid, 0))
+
+
+# ------------------------------------------------------------- GPU parity: Runge-Kutta stages
+# Every distinct stage of the multi-stage methods (midpoint, heun, rk4), and the last stages,
+# which write the trajectory slot in integrators.integrate.
+STAGES = sorted({st for name, sts in METHODS.items() if name != "euler" for st in sts})
+LAST_STAGES = {sts[-1] for name, sts in METHODS.items() if name != "euler"}
+STAGE_LAYOUTS = ("contiguous", "transposed", "batch1", "expanded", "step")
+
+
+def _nan_buffer(shape, dtype, device, misaligned=False):
+    """A NaN-poisoned buffer: an element the kernel forgets to write fails torch.equal."""
+    if not misaligned:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    numel = torch.Size(shape).numel()
+    return torch.full((numel + 1,), float("nan"), dtype=dtype, device=device)[1:].view(shape)
+
+
+def _stage_both(x, k, grid, i, st, *, acc=None, ku=None, w=1.0, doubled=False, traj=False,
+                out_none=False, misaligned_out=False):
+    """reference.stage_step and cuda_euler.stage_step on identical fresh (poisoned) buffers."""
+    c = stage_dtype(x.dtype, k, acc)
+    rows = x.shape[0]
+    inputs = [t.clone() for t in (x, k, acc, ku) if t is not None]
+    results = []
+    for step in (reference.stage_step, cuda_euler.stage_step):
+        out = None
+        if not out_none:
+            out = _nan_buffer(((2 if doubled else 1) * rows, *x.shape[1:]), c, x.device,
+                              misaligned_out)
+        states = None
+        if traj:
+            states = _nan_buffer((rows, grid.steps + 1, *x.shape[1:]), c, x.device)
+        new, acc_out = step(x, k, grid, i, st.coef, acc, st.acc_weight, st.write_acc,
+                            st.from_acc, out, states[:, i + 1] if traj else None, ku, w)
+        results.append((new, acc_out, states))
+    torch.cuda.synchronize()
+    after = [t for t in (x, k, acc, ku) if t is not None]
+    assert all(torch.equal(a, b) for a, b in zip(inputs, after)), "an input was written"
+    return results
+
+
+def _assert_same_stage(results, i, what):
+    (r_new, r_acc, r_states), (b_new, b_acc, b_states) = results
+    assert b_new.dtype == r_new.dtype and b_new.shape == r_new.shape, what
+    assert b_new.is_contiguous(), what
+    assert torch.equal(b_new, r_new), (
+        f"{what}: max diff {(b_new.double() - r_new.double()).abs().nan_to_num(float('inf')).max()}")
+    assert (r_acc is None) == (b_acc is None), what
+    if r_acc is not None:
+        assert b_acc.dtype == r_acc.dtype and b_acc.is_contiguous(), what
+        assert torch.equal(b_acc, r_acc), f"{what}: accumulator differs"
+    if r_states is not None:
+        assert not b_states[:, i + 1].isnan().any(), f"{what}: trajectory slot not fully written"
+        assert torch.equal(b_states.nan_to_num(7.0), r_states.nan_to_num(7.0)), (
+            f"{what}: trajectory differs (or written outside its slot)")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("layout", STAGE_LAYOUTS)
+def test_stage_parity_programs_dtypes_guidance_layouts(cuda, layout):
+    """Every stage of every method x state x field dtype x guided (doubled out) x layout; the
+    last stages also write the trajectory slot. The accumulator comes in C, as from the
+    previous stage, or in the state's dtype (widened by stage_step) on alternate cases."""
+    shape = (6, 64, 2)
+    gen = torch.Generator().manual_seed(zlib.crc32(layout.encode()))
+    grid = _grid(5, shape[0], len(shape), cuda, seed=3)
+    for n, (st, state, field, guided) in enumerate(
+        itertools.product(STAGES, STATE_DTYPES, FIELD_DTYPES, (False, True))
+    ):
+        x = torch.randn(shape, generator=gen).to(cuda, state)
+        k = _make_field(layout, shape, field, cuda, gen)
+        ku = _make_field(layout, shape, field, cuda, gen) if guided else None
+        acc = None
+        if st.uses_acc:
+            acc_dtype = stage_dtype(state, k, None) if n % 2 else state
+            acc = torch.randn(shape, generator=gen).to(cuda, acc_dtype)
+        i = n % grid.steps
+        what = (layout, st, state, field, guided, i)
+        results = _stage_both(x, k, grid, i, st, acc=acc, ku=ku, w=2.5 if guided else 1.0,
+                              doubled=guided, traj=st in LAST_STAGES)
+        _assert_same_stage(results, i, what)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (5, 3), (3, 1, 3), (2, 1025), (1, 1000003)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_stage_parity_odd_sizes_and_misaligned_buffers(cuda, shape):
+    """Sizes that leave scalar tails, trajectory rows and doubled halves off vector boundaries,
+    misaligned state / field / accumulator / output pointers, and out=None."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(shape).encode()))
+    grid = _grid(4, shape[0], len(shape), cuda, seed=len(shape))
+    rk4 = METHODS["rk4"]
+    for state, field in itertools.product(STATE_DTYPES, FIELD_DTYPES):
+        c = stage_dtype(state, torch.empty(0, dtype=field), None)
+        numel = torch.Size(shape).numel()
+        x = torch.randn(numel + 1, generator=gen).to(cuda, state)[1:].view(shape)
+        k = _make_field("misaligned", shape, field, cuda, gen)
+        acc = torch.randn(numel + 1, generator=gen).to(cuda, c)[1:].view(shape)
+        for j, st in enumerate(rk4):
+            what = (shape, state, field, j)
+            a = acc if st.uses_acc else None
+            _assert_same_stage(_stage_both(x, k, grid, 1, st, acc=a), 1, what)
+            _assert_same_stage(_stage_both(x, k, grid, 2, st, acc=a, misaligned_out=True,
+                                           traj=True), 2, what + ("misaligned out",))
+            _assert_same_stage(_stage_both(x, k, grid, 3, st, acc=a, out_none=True), 3,
+                               what + ("out=None",))
+            if numel < 1000:
+                ku = _make_field("contiguous", shape, field, cuda, gen)
+                _assert_same_stage(_stage_both(x, k, grid, 0, st, acc=a, ku=ku, w=-0.75,
+                                               doubled=True, traj=True), 0, what + ("guided",))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_stage_fallbacks_give_the_same_bits(cuda):
+    """What the kernel does not cover goes to the reference: an accumulator that alone makes C
+    float64, a broadcast accumulator, fields of two dtypes, an out of another dtype."""
+    gen = torch.Generator().manual_seed(9)
+    shape = (4, 33)
+    grid = _grid(3, shape[0], 2, cuda)
+    st = METHODS["rk4"][1]  # has_acc, acc_w2, write_acc
+    x = torch.randn(shape, generator=gen).to(cuda)
+    k = torch.randn(shape, generator=gen).to(cuda, torch.bfloat16)
+    acc64 = torch.randn(shape, generator=gen).to(cuda, torch.float64)
+    _assert_same_stage(_stage_both(x, k, grid, 1, st, acc=acc64), 1, "float64 accumulator")
+    acc_b = torch.randn(1, shape[1], generator=gen).to(cuda).expand(shape)
+    _assert_same_stage(_stage_both(x, k, grid, 1, st, acc=acc_b), 1, "broadcast accumulator")
+    ku = torch.randn(shape, generator=gen).to(cuda, torch.float16)
+    _assert_same_stage(_stage_both(x, k, grid, 1, st, acc=acc_b.contiguous(), ku=ku, w=2.0,
+                                   doubled=True), 1, "mixed field dtypes")
+    out = torch.empty(shape, device=cuda, dtype=torch.float64)
+    new, acc_out = cuda_euler.stage_step(x, k, grid, 1, st.coef, acc_b.contiguous(), 2.0, True,
+                                         False, out)
+    ref, ref_acc = reference.stage_step(x, k, grid, 1, st.coef, acc_b.contiguous(), 2.0, True,
+                                        False, torch.empty_like(out))
+    assert new is out and torch.equal(new, ref) and torch.equal(acc_out, ref_acc)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_stage_graph_capture_reads_dt_on_the_device(cuda):
+    gen = torch.Generator().manual_seed(6)
+    shape = (6, 64, 2)
+    st = METHODS["heun"][1]  # from_acc, coef 0.5
+    x = torch.randn(shape, generator=gen).to(cuda)
+    k = _make_field("batch1", shape, torch.float16, cuda, gen)
+    acc = torch.randn(shape, generator=gen).to(cuda)
+    grid = _grid(4, 6, 3, cuda)
+    out = torch.empty(shape, device=cuda)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        cuda_euler.stage_step(x, k, grid, 2, st.coef, acc, 1.0, False, True, out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cuda_euler.stage_step(x, k, grid, 2, st.coef, acc, 1.0, False, True, out)
+    for seed in (1, 2):
+        grid.values.copy_(_grid(4, 6, 3, cuda, seed=seed).values)
+        graph.replay()
+        torch.cuda.synchronize()
+        want, _ = reference.stage_step(x, k, TimeGrid(grid.values, 6, 3), 2, st.coef, acc, 1.0,
+                                       False, True)
+        assert torch.equal(out, want)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("method", ["midpoint", "heun", "rk4"])
+def test_multistage_sample_matches_torch_backend(cuda, method):
+    def field(*, x, t):
+        return (torch.sin(1.7 * x) - 0.5 * x * t + t).to(torch.bfloat16)
+
+    results = []
+    for backend in ("torch", "cuda"):
+        torch.manual_seed(0)
+        fm = FlowMatching(x_dims=[64, 2], backend=backend, num_inference_steps=7)
+        results.append(fm.sample(6, field, device=cuda, int_method=method, return_all_steps=True))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# ------------------------------------------------------------------- GPU: torch.compile
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("method, kwargs", [
+    ("euler", {}),
+    ("rk4", {}),
+    ("heun", dict(guidance=True, guidance_weight=2.5, return_all_steps=True,
+                  inference_step=4)),
+], ids=["euler", "rk4", "heun-guided-traj"])
+def test_torch_compile_fullgraph_matches_eager(cuda, method, kwargs):
+    """torch.compile(fullgraph=True, backend="eager") of cuda-backend sampling runs (the launches
+    as the custom ops) and gives eager's bits under the same seed."""
+    def field(*, x, t):
+        return torch.sin(1.7 * x) - 0.5 * x * t + t
+
+    fm = FlowMatching(x_dims=(64, 2), backend="cuda")
+
+    def run():
+        return fm.sample(6, field, device="cuda", int_method=method, **kwargs)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = run()
+    torch.manual_seed(0)
+    compiled = torch.compile(run, fullgraph=True, backend="eager")()
+    if isinstance(eager, tuple):
+        assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    else:
+        assert torch.equal(eager, compiled)
