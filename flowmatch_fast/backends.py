@@ -44,7 +44,17 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     return _MODULES[name].unavailable_reason(torch.device(device))
 
 
-@torch.compiler.assume_constant_result
+def trace_time_constant(fn):
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo (1.1 s) at import.
+
+    That decorator only sets this attribute (torch 2.4 to 2.13); tests/test_compile.py checks that
+    it still does, and that ``sample`` traces.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@trace_time_constant
 def _resolve_name(name: str, device_type: str, device_index: int) -> str:
     """The concrete backend for a request on a device; raises when an explicit one can't run.
 

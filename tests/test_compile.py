@@ -16,6 +16,15 @@ def field(*, x, t):
     return (torch.sin(x) * t).to(torch.bfloat16) - 0.5 * x
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each case compiles the same code object with new closures: reset, or the recompile limit
+    (8) is hit within one worker process."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 CASES = [
     dict(),
     dict(return_all_steps=True),
@@ -45,3 +54,18 @@ def test_fullgraph_compile_matches_eager(device, opts, compile_backend):
             assert torch.equal(g, w)
         else:  # Inductor recompiles the field's own ops (its sin may round differently)
             torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+
+def test_trace_time_constant_is_what_torch_marks():
+    """Our import-cheap marker must stay what torch.compiler.assume_constant_result does."""
+    from flowmatch_fast.backends import trace_time_constant
+
+    def a():
+        return 1
+
+    def b():
+        return 1
+
+    torch.compiler.assume_constant_result(a)
+    trace_time_constant(b)
+    assert {k: v for k, v in vars(a).items()} == {k: v for k, v in vars(b).items()} != {}

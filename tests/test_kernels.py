@@ -139,12 +139,15 @@ def test_stage_step_matches_reference(target, case_rng):
     grid = TimeGrid(torch.linspace(0, 1, steps + 1, device=device), shape[0], len(shape))
     stages = {st for name, sts in METHODS.items() if name != "euler" for st in sts}
     for st, state_dtype, field_dtype, guided, layout in itertools.product(
-        sorted(stages), STATE_DTYPES, FIELD_DTYPES, (False, True), ("contiguous", "transposed")
+        sorted(stages), STATE_DTYPES, FIELD_DTYPES, (False, True),
+        ("contiguous", "transposed", "batch_broadcast")
     ):
         i = case_rng.randrange(steps)
         x = torch.randn(shape, generator=gen).to(device, state_dtype)
         k = _field(layout, shape, field_dtype, device, gen)
         ku = _field(layout, shape, field_dtype, device, gen) if guided else None
+        if ku is not None and layout == "batch_broadcast":
+            ku = (k[:1] + 0.5).expand(shape)  # same layout and dtype as k
         acc = torch.randn(shape, generator=gen).to(device, state_dtype) if st.uses_acc else None
         c = stage_dtype(x.dtype, k, acc)
         traj_buf = torch.full((shape[0], steps + 1, *shape[1:]), float("nan"), dtype=c, device=device)
@@ -161,5 +164,6 @@ def test_stage_step_matches_reference(target, case_rng):
         assert torch.equal(r_new, b_new), msg
         assert (r_acc is None) == (b_acc is None), msg
         if r_acc is not None:
+            assert r_acc.shape == b_acc.shape == x.shape and b_acc.is_contiguous(), msg
             assert torch.equal(r_acc, b_acc), msg
         assert torch.equal(r_tb.nan_to_num(7.0), b_tb.nan_to_num(7.0)), msg

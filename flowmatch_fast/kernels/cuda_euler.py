@@ -102,7 +102,9 @@ def _arch_reason(ext, device: torch.device) -> Optional[str]:
 # Under torch.compile, unavailable_reason runs for real at trace time and its answer becomes a
 # constant of the graph (it calls into the extension, which Dynamo cannot trace); a no-op
 # decorator for eager calls. Whether the backend runs on a device does not change in a process.
-_constant_under_compile = getattr(torch.compiler, "assume_constant_result", lambda fn: fn)
+def _constant_under_compile(fn):
+    fn._dynamo_marked_constant = True  # = torch.compiler.assume_constant_result (see backends.py)
+    return fn
 
 
 @_constant_under_compile
@@ -297,7 +299,9 @@ def _stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc, out, 
     if acc is not None and (acc.dtype != c or acc.shape != shape or not acc.is_contiguous()):
         if acc.shape != shape or torch.promote_types(c, acc.dtype) != c:
             return _reference_stage(*args)  # a broadcast accumulator, or one that widens C
-        acc = acc.to(c, memory_format=torch.contiguous_format)  # exact widening (as the reference)
+        # exact widening (as the reference), then a real copy: .to(memory_format=...) returns
+        # an expanded (stride-0) tensor unchanged, since its suggested format is "contiguous"
+        acc = acc.to(c).contiguous()
     if out is None:
         out = torch.empty(shape, dtype=c, device=x.device)
     elif out.dtype != c or not out.is_contiguous():

@@ -173,8 +173,8 @@ def stage_step(
     if traj is not None:
         traj.copy_(out if out.shape[0] == rows else out[:rows])
     acc_out = None
-    if write_acc:
-        acc_out = s if s.is_contiguous() and s.dtype == c else s.to(c).contiguous()
+    if write_acc:  # x-shaped and contiguous, whatever the field's broadcast (as the kernels write it)
+        acc_out = s if s.shape == x.shape and s.is_contiguous() else s.expand(x.shape).contiguous()
     return out, acc_out
 
 

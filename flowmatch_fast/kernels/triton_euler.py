@@ -47,8 +47,6 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     if triton is None:
         return why
     if device.type == "cuda" or (device.type == "cpu" and interpret_mode()):
-        if torch.compiler.is_compiling():  # trace time: the ops must exist before they are traced
-            register_ops()
         return None
     return (f"Triton kernels run on CUDA tensors (got device {device.type!r}); set "
             "TRITON_INTERPRET=1 to run them on CPU tensors through the interpreter (slow, for tests)")
@@ -199,49 +197,52 @@ def stage_step(
     return out, acc_out
 
 
-@functools.lru_cache(maxsize=None)
-def register_ops() -> bool:
-    """Register ``flowmatch_fast::triton_euler_step`` / ``triton_stage_step`` as ``triton_op``s.
-
-    Done on demand, when torch.compile traces a call (``unavailable_reason`` runs at trace time):
-    registering imports torch._inductor, about 1.7 s that eager users should not pay at import.
-    """
-    if _triton()[0] is None or not hasattr(torch.library, "triton_op"):
-        return False
-    from torch.library import triton_op, wrap_triton
-
-    @triton_op("flowmatch_fast::triton_euler_step", mutates_args={"out", "traj"})
-    def triton_euler_step(
-        x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
-        grid_values: torch.Tensor, step: int, out: torch.Tensor, traj: Optional[torch.Tensor],
-        guidance_weight: float,
-    ) -> None:
-        if x.numel() == 0:
-            return
+def _triton_euler_step_op(
+    x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
+    grid_values: torch.Tensor, step: int, out: torch.Tensor, traj: Optional[torch.Tensor],
+    guidance_weight: float,
+) -> None:
+    if x.numel():
         grid, args, meta = _launch_config(x, v, grid_values, step, out, traj, v_uncond,
                                           guidance_weight)
-        wrap_triton(_kernels()[0])[grid](*args, **meta)
+        _kernels()[0][grid](*args, **meta)
 
-    @triton_op("flowmatch_fast::triton_stage_step", mutates_args={"out", "acc_out", "traj"})
-    def triton_stage_step(
-        x: torch.Tensor, k: torch.Tensor, k_uncond: Optional[torch.Tensor],
-        acc: Optional[torch.Tensor], grid_values: torch.Tensor, step: int, coef: float,
-        acc_weight: float, from_acc: bool, out: torch.Tensor, acc_out: Optional[torch.Tensor],
-        traj: Optional[torch.Tensor], guidance_weight: float,
-    ) -> None:
-        if x.numel() == 0:
-            return
+
+def _triton_stage_step_op(
+    x: torch.Tensor, k: torch.Tensor, k_uncond: Optional[torch.Tensor],
+    acc: Optional[torch.Tensor], grid_values: torch.Tensor, step: int, coef: float,
+    acc_weight: float, from_acc: bool, out: torch.Tensor, acc_out: Optional[torch.Tensor],
+    traj: Optional[torch.Tensor], guidance_weight: float,
+) -> None:
+    if x.numel():
         grid, args, meta = _stage_config(x, k, grid_values, step, coef, acc, acc_weight,
                                          acc_out is not None, from_acc, out, acc_out, traj,
                                          k_uncond, guidance_weight)
-        wrap_triton(_kernels()[1])[grid](*args, **meta)
+        _kernels()[1][grid](*args, **meta)
 
-    # The ops only write buffers they are given: their fake (meta) implementation does nothing.
-    # (triton_op derives one itself for compiled kernels; under TRITON_INTERPRET the kernel is an
-    # interpreter object it cannot see through, so say it explicitly.)
-    for op in (triton_euler_step, triton_stage_step):
-        op.register_fake(lambda *args, **kwargs: None)
-    return True
+
+def _register_ops() -> None:
+    """``flowmatch_fast::triton_euler_step`` / ``triton_stage_step`` as ``torch.library.custom_op``s
+    with no-op fakes (they only write buffers they are given), so torch.compile traces ``sample``.
+
+    Registered at import: cheap, and needs neither Triton nor a GPU (the kernels load on first
+    call). ``custom_op`` rather than ``triton_op``: registering a ``triton_op`` imports
+    torch._inductor (1.7 s), and deferring it to trace time relied on ``is_compiling()`` inside
+    ``assume_constant_result``, which torch 2.11 does not report (seen failing on the H200).
+    Inductor keeps the op opaque; eager code never goes through it (see ``euler_step``).
+    """
+    custom_op = getattr(torch.library, "custom_op", None)
+    if custom_op is None:  # pragma: no cover - torch < 2.4
+        return
+    euler_op = custom_op("flowmatch_fast::triton_euler_step", _triton_euler_step_op,
+                         mutates_args=("out", "traj"))
+    euler_op.register_fake(lambda *args: None)
+    stage_op = custom_op("flowmatch_fast::triton_stage_step", _triton_stage_step_op,
+                         mutates_args=("out", "acc_out", "traj"))
+    stage_op.register_fake(lambda *args: None)
+
+
+_register_ops()
 
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
