@@ -23,8 +23,14 @@ ENV_VAR = "FLOWMATCH_FAST_BACKEND"
 # Imported eagerly (each imports its toolchain lazily; triton_euler registers its torch.library
 # ops when Triton is installed), so that torch.compile can trace a plain dict lookup.
 _MODULES = {"torch": reference, "triton": triton_euler, "cuda": cuda_euler}
-# auto's order of preference on a CUDA device: the compiled kernel has the lowest launch cost.
+# auto's order of preference on a CUDA device: the compiled kernel has the lowest launch cost
+# and runs at copy bandwidth (H200, bench/results/2026-11-28-NVIDIA-H200.md: 8.9 us host per
+# launch; 40 us for a 50 MB update, 103 % of a same-size copy). Triton's launch costs 34 us of host
+# time against 15 us for PyTorch's mul + add, so without the extension an *eager* loop on a small
+# state is faster on plain torch (W1, batch 6: 2272 us torch vs 2984 us triton); Triton wins once
+# the launches are captured (283 vs 313 us) or the state is large (W2, 50 MB: 1041 vs 1561 us).
 _AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
+AUTO_TRITON_MIN_NUMEL = 1 << 20  # eager auto takes Triton from ~1 M state elements (4 MB) up
 _logged_fallbacks: set = set()
 
 
@@ -55,16 +61,20 @@ def trace_time_constant(fn):
 
 
 @trace_time_constant
-def _resolve_name(name: str, device_type: str, device_index: int) -> str:
+def _resolve_name(name: str, device_type: str, device_index: int, triton_pays: bool) -> str:
     """The concrete backend for a request on a device; raises when an explicit one can't run.
 
-    A constant for torch.compile (it runs once at trace time), so ``sample`` traces through.
+    ``triton_pays``: the loop is captured or the state is large, so Triton's host cost per
+    launch does not matter. A constant for torch.compile (it runs once at trace time), so
+    ``sample`` traces through.
     """
     device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
     if name == "auto":
         if device.type != "cuda":
             return "torch"
         for candidate in _AUTO_ORDER_CUDA:
+            if candidate == "triton" and not triton_pays:
+                continue
             reason = unavailable_reason(candidate, device)
             if reason is None:
                 return candidate
@@ -78,10 +88,12 @@ def _resolve_name(name: str, device_type: str, device_index: int) -> str:
     return name
 
 
-def resolve(name: str, device: torch.device):
-    """The backend module to use for ``name`` on ``device``."""
+def resolve(name: str, device: torch.device, numel: int = 0, captured: bool = True):
+    """The backend module to use for ``name`` on ``device``, for a state of ``numel`` elements
+    sampled eagerly (``captured=False``) or inside a CUDA graph."""
     index = device.index if device.index is not None else -1
-    return _MODULES[_resolve_name(name, device.type, index)]
+    triton_pays = captured or numel >= AUTO_TRITON_MIN_NUMEL
+    return _MODULES[_resolve_name(name, device.type, index, triton_pays)]
 
 
 def available_backends(device="cuda") -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -79,7 +80,7 @@ class FlowMatching(BaseDiffusion):
     # ------------------------------------------------------------------ sampling
     def _plan(self, batch_size, device, return_all_steps, inference_step, int_method, *,
               guidance=False, guidance_weight=None, timesteps=None, shift=None, noise=None,
-              generator=None) -> "_Plan":
+              generator=None, captured=False) -> "_Plan":
         """Validate one call's arguments and resolve everything that must be known up front."""
         _check_positive_int("batch_size", batch_size, minimum=0)
         device = torch.device(device)
@@ -114,8 +115,10 @@ class FlowMatching(BaseDiffusion):
             if generator.device.type != device.type:
                 raise ValueError(f"generator is on {generator.device}; expected one on the "
                                  f"sampling device {device}")
+        numel = batch_size * math.prod(self.x_dims)
+        backend = backends.resolve(self.backend, device, numel, captured)
         return _Plan(batch_size, device, steps, method, bool(return_all_steps),
-                     backends.resolve(self.backend, device), bool(guidance), weight,
+                     backend, bool(guidance), weight,
                      grid_values, grid_key, None if shift in (None, 1, 1.0) else float(shift),
                      noise, generator)
 
@@ -176,11 +179,15 @@ class FlowMatching(BaseDiffusion):
         - ``noise``: the initial state ``[B, *x_dims]`` (float32 or float64, on ``device``);
           ``generator``: the ``torch.Generator`` the noise is drawn from.
         """
+        use_graph = self.cuda_graph if cuda_graph is None else cuda_graph
+        on_cuda = torch.device(device).type == "cuda"
+        in_user_graph = (on_cuda and not torch.compiler.is_compiling()
+                         and torch.cuda.is_current_stream_capturing())
         plan = self._plan(batch_size, device, return_all_steps, inference_step, int_method,
                           guidance=guidance, guidance_weight=guidance_weight, timesteps=timesteps,
-                          shift=shift, noise=noise, generator=generator)
+                          shift=shift, noise=noise, generator=generator,
+                          captured=in_user_graph or (use_graph and on_cuda))
         run = functools.partial(self._run, plan, step_fn)
-        use_graph = self.cuda_graph if cuda_graph is None else cuda_graph
         if not use_graph:
             return run()
         if plan.device.type != "cuda":
@@ -188,7 +195,7 @@ class FlowMatching(BaseDiffusion):
                 self._warned_not_cuda = True
                 warn_not_cuda(plan.device)
             return run()
-        if torch.cuda.is_current_stream_capturing():  # inside the caller's own graph: just run
+        if in_user_graph:  # inside the caller's own graph: just run
             return run()
         if noise is not None or generator is not None:
             # A cached graph would read a noise tensor or generator that the caller may drop;
@@ -241,7 +248,7 @@ class FlowMatching(BaseDiffusion):
             )
         plan = self._plan(batch_size, device, return_all_steps, inference_step, int_method,
                           guidance=guidance, guidance_weight=guidance_weight, timesteps=timesteps,
-                          shift=shift, noise=noise, generator=generator)
+                          shift=shift, noise=noise, generator=generator, captured=True)
         run = functools.partial(self._run, plan, step_fn)
         return CapturedSampler(run, plan.device, warmup=warmup, generator=generator)
 

@@ -1,0 +1,58 @@
+"""Backend selection: auto's choices, explicit requests, and their errors (no GPU needed)."""
+
+import pytest
+import torch
+
+from flowmatch_fast import backends
+from flowmatch_fast.kernels import cuda_euler, reference, triton_euler
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def pretend(monkeypatch):
+    """Pretend which backends can run on a CUDA device."""
+
+    def set_available(*names):
+        for name, mod in (("triton", triton_euler), ("cuda", cuda_euler)):
+            reason = None if name in names else f"{name} pretended missing"
+            monkeypatch.setattr(mod, "unavailable_reason", lambda device, r=reason: r)
+
+    return set_available
+
+
+def test_auto_prefers_the_compiled_kernel(pretend):
+    pretend("triton", "cuda")
+    for numel, captured in ((768, False), (768, True), (1 << 24, False)):
+        assert backends.resolve("auto", CUDA, numel, captured) is cuda_euler
+
+
+def test_auto_without_the_extension_weighs_triton_launch_cost(pretend):
+    pretend("triton")
+    assert backends.resolve("auto", CUDA, 768, captured=False) is reference  # eager, small
+    assert backends.resolve("auto", CUDA, 768, captured=True) is triton_euler  # in a graph
+    big = backends.AUTO_TRITON_MIN_NUMEL
+    assert backends.resolve("auto", CUDA, big, captured=False) is triton_euler  # bandwidth-bound
+    assert backends.resolve("auto", CUDA, big - 1, captured=False) is reference
+
+
+def test_auto_with_nothing_compiled_is_plain_torch(pretend):
+    pretend()
+    assert backends.resolve("auto", CUDA, 1 << 24, captured=True) is reference
+    assert backends.resolve("auto", torch.device("cpu")) is reference
+
+
+def test_explicit_request_never_falls_back(pretend):
+    pretend("cuda")
+    with pytest.raises(RuntimeError, match="'triton' is not available on cuda: triton pretended"):
+        backends.resolve("triton", CUDA)
+    pretend("triton")
+    assert backends.resolve("triton", CUDA, 768, captured=False) is triton_euler
+    with pytest.raises(RuntimeError, match="'cuda' is not available"):
+        backends.resolve("cuda", CUDA)
+
+
+def test_real_reasons_on_this_machine():
+    reasons = backends.available_backends("cpu")
+    assert reasons["torch"] is None
+    assert "CUDA tensors" in reasons["cuda"]
