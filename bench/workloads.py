@@ -139,6 +139,22 @@ def sampler_variants(x_dims, batch, field, device, steps, return_all_steps=False
     return out
 
 
+def graph_of(fn, times):
+    """``times`` calls of ``fn`` captured in one CUDA graph (after a side-stream warm-up); returns
+    the replay function."""
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        for _ in range(times):
+            fn()
+    return graph.replay
+
+
 def field_floor(field, batch, x_dims, device, steps):
     """The field's own kernels, ``steps`` calls captured alone in one graph (no noise, no update)."""
     x = torch.randn(batch, *x_dims, device=device)
