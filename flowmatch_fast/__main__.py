@@ -5,8 +5,8 @@ Subcommands live in :data:`SUBCOMMANDS`: name -> ``(module, help)``. Each module
 Modules are imported when the parser is built, so keep heavy optional dependencies (matplotlib,
 tqdm, triton, ...) as imports inside the functions that use them.
 
-To add a command (e.g. ``bench``): write ``flowmatch_fast/bench.py`` with those functions and add
-one line here.
+To add a command: write a module with those functions and add one line to ``SUBCOMMANDS``.
+(Benchmarks live in ``bench/``: ``make bench`` and ``bench/gpu_suite.sh``.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Optional, Sequence
 SUBCOMMANDS = {
     "demo": ("flowmatch_fast.demo",
              "train a tiny flow on a 2-D toy on CPU, sample, score, time vs. the original, plot"),
-    # "bench": ("flowmatch_fast.bench", "benchmark the samplers against the original loop"),
 }
 
 
