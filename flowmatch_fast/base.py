@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import operator
 from typing import Protocol, Sequence, Union
 
 import torch
@@ -19,10 +20,20 @@ class StepFn(Protocol):
     def __call__(self, *, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
 
+def as_int(name: str, value) -> int:
+    """``value`` as a Python int: ints and integer-likes (NumPy, 0-dim integer tensors), not bools."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})") from None
+
+
 def _normalize_x_dims(x_dims: Union[int, Sequence[int]]) -> list:
     if isinstance(x_dims, bool):
         raise TypeError(f"x_dims must be an int or a sequence of ints, got {x_dims!r}")
-    if isinstance(x_dims, int):
+    if hasattr(x_dims, "__index__"):
         dims = [x_dims]
     else:
         try:
@@ -33,9 +44,10 @@ def _normalize_x_dims(x_dims: Union[int, Sequence[int]]) -> list:
             ) from None
     if not dims:
         raise ValueError("x_dims must name at least one dimension, got an empty sequence")
-    for d in dims:
-        if isinstance(d, bool) or not isinstance(d, int):
+    for k, d in enumerate(dims):
+        if isinstance(d, bool) or not hasattr(d, "__index__"):
             raise TypeError(f"x_dims entries must be ints, got {d!r} in {dims}")
+        d = dims[k] = operator.index(d)
         if d < 1:
             raise ValueError(f"x_dims entries must be >= 1, got {d} in {dims}")
     return dims

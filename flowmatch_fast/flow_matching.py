@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from . import backends
-from .base import BaseDiffusion, StepFn
+from .base import BaseDiffusion, StepFn, as_int
 from .graph import CapturedSampler, GraphCache, field_key, warn_not_cuda
 from .integrators import METHODS, Trajectory, check_field, integrate  # noqa: F401 (re-export)
 from .kernels.reference import TimeGrid
@@ -20,8 +21,7 @@ TIMESTEP_SAMPLERS = ("uniform", "beta")
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    value = as_int(name, value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -82,7 +82,7 @@ class FlowMatching(BaseDiffusion):
               guidance=False, guidance_weight=None, timesteps=None, shift=None, noise=None,
               generator=None, captured=False) -> "_Plan":
         """Validate one call's arguments and resolve everything that must be known up front."""
-        _check_positive_int("batch_size", batch_size, minimum=0)
+        batch_size = _check_positive_int("batch_size", batch_size, minimum=0)
         device = torch.device(device)
         method = self.int_method if int_method is None else int_method
         if method not in INT_METHODS:
@@ -92,19 +92,22 @@ class FlowMatching(BaseDiffusion):
                 raise ValueError("give either timesteps= or shift=, not both")
             grid_values, grid_key = _check_timesteps(timesteps, device)
             steps = grid_values.numel() - 1
-            if inference_step is not None and inference_step != steps:
+            if inference_step is not None and as_int("inference_step", inference_step) != steps:
                 raise ValueError(f"inference_step={inference_step} but timesteps has {steps + 1} "
                                  f"entries ({steps} steps); they must agree")
         else:
             grid_values = grid_key = None
             steps = self.num_inference_steps if inference_step is None else inference_step
-            _check_positive_int("inference_step", steps)
-        if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float))
-                                  or not shift > 0 or shift != shift or shift == float("inf")):
+            steps = _check_positive_int("inference_step", steps)
+        if shift is not None and (isinstance(shift, bool) or not isinstance(shift, numbers.Real)
+                                  or not math.isfinite(shift) or not shift > 0):
             raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
         if guidance_weight is not None and not guidance:
             raise ValueError("guidance_weight= needs guidance=True (the doubled-batch field protocol)")
-        weight = float(self.inference_guidance_weight if guidance_weight is None else guidance_weight)
+        weight = 1.0
+        if guidance:  # the original never reads inference_guidance_weight: only guidance does
+            weight = float(self.inference_guidance_weight if guidance_weight is None
+                           else guidance_weight)
         if noise is not None:
             if generator is not None:
                 raise ValueError("give either noise= or generator=, not both (noise draws nothing)")
@@ -182,11 +185,12 @@ class FlowMatching(BaseDiffusion):
         use_graph = self.cuda_graph if cuda_graph is None else cuda_graph
         on_cuda = torch.device(device).type == "cuda"
         in_user_graph = (on_cuda and not torch.compiler.is_compiling()
-                         and torch.cuda.is_current_stream_capturing())
+                         and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
         plan = self._plan(batch_size, device, return_all_steps, inference_step, int_method,
                           guidance=guidance, guidance_weight=guidance_weight, timesteps=timesteps,
                           shift=shift, noise=noise, generator=generator,
-                          captured=in_user_graph or (use_graph and on_cuda))
+                          captured=in_user_graph or (use_graph and on_cuda and noise is None
+                                                     and generator is None))
         run = functools.partial(self._run, plan, step_fn)
         if not use_graph:
             return run()
@@ -210,7 +214,8 @@ class FlowMatching(BaseDiffusion):
                 self._graphs.stats.eager_fallbacks += 1
                 return run()
             sampler = self._graphs.add(key, watch, lambda: CapturedSampler(
-                run, plan.device, pool=self._graphs.pool(plan.device), keep_alive=False))
+                run, plan.device, pool=self._graphs.pool(plan.device), keep_alive=False,
+                static_inputs=(plan.grid_values,)))
         return sampler()
 
     @torch.no_grad()
@@ -320,11 +325,11 @@ class _Plan(NamedTuple):
 def shifted_grid(values: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3's shift on the noise level ``s = 1 - t``: ``s' = shift * s / (1 + (shift - 1) * s)``.
 
-    ``shift > 1`` spends more steps at high noise. Computed on the grid's device in float32; the
-    end points are set to exactly 0 and 1.
+    ``shift > 1`` spends more steps at high noise. Computed on the grid's device in float64 (no
+    overflow for any finite shift), rounded to float32; the end points are set to exactly 0 and 1.
     """
-    s = 1.0 - values
-    out = 1.0 - (shift * s) / (1.0 + (shift - 1.0) * s)
+    s = 1.0 - values.double()
+    out = (1.0 - (shift * s) / (1.0 + (shift - 1.0) * s)).float()
     out[0] = 0.0
     out[-1] = 1.0
     return out
@@ -338,7 +343,8 @@ def _check_timesteps(timesteps, device: torch.device):
                              f"{device} or the CPU")
         if not timesteps.is_floating_point():
             raise ValueError(f"timesteps must be floating point, got {timesteps.dtype}")
-        host = timesteps.detach().to("cpu", torch.float32)  # one copy (a sync on CUDA)
+        # a private contiguous copy (a sync for a CUDA tensor): never the caller's storage
+        host = timesteps.detach().to("cpu", torch.float32).contiguous().clone()
     else:
         try:
             host = torch.tensor(list(timesteps), dtype=torch.float32)
@@ -351,7 +357,7 @@ def _check_timesteps(timesteps, device: torch.device):
                          f"{host[0].item()} ... {host[-1].item()}")
     steps = host[1:] - host[:-1]
     if not bool((steps > 0).all()):
-        bad = int((steps <= 0).nonzero()[0])
+        bad = int((~(steps > 0)).nonzero()[0])  # NaN compares false: caught here too
         raise ValueError(f"timesteps must be strictly increasing (in float32); entry {bad + 1} "
                          f"({host[bad + 1].item()}) does not exceed entry {bad} ({host[bad].item()})")
     return host.to(device), tuple(host.tolist())

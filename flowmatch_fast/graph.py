@@ -29,7 +29,7 @@ class GraphStats:
 
     captures: int = 0
     replays: int = 0
-    eager_fallbacks: int = 0  # calls run eagerly because the cache was full
+    eager_fallbacks: int = 0  # calls run eagerly: cache full, or noise=/generator= given
     evictions: int = 0  # graphs dropped (their field was garbage-collected, or clear())
     failed_captures: int = 0
 
@@ -55,11 +55,14 @@ class CapturedSampler:
     """
 
     def __init__(self, run: Callable, device, warmup: int = 2, pool=None, keep_alive: bool = True,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, static_inputs=()):
         self.device = _cuda_device(device)
         # Holding ``run`` keeps the field (and the tensors it reads) alive as long as the graph;
         # the cache passes keep_alive=False and evicts the graph when the field is collected.
+        # ``static_inputs``: tensors made before capture that the graph reads on every replay
+        # (an explicit time grid): held here whatever keep_alive says.
         self._run = run if keep_alive else None
+        self._static_inputs = tuple(static_inputs)
         self.graph = torch.cuda.CUDAGraph()
         self.generator = generator
         if generator is not None:
@@ -156,6 +159,7 @@ class GraphCache:
         self.stats = GraphStats()
         self._graphs: dict = {}
         self._watchers: dict = {}
+        self._pinned: dict = {}  # fields that cannot be weakly referenced: held until clear()
         self._pools: dict = {}
         self._lock = threading.Lock()
 
@@ -193,8 +197,10 @@ class GraphCache:
             self._graphs[key] = sampler
             try:
                 self._watchers[key] = weakref.finalize(watch, self._evict, key)
-            except TypeError:  # not weak-referenceable (a builtin): the entry lives until clear()
-                pass
+            except TypeError:
+                # Not weak-referenceable (__slots__ without __weakref__, builtins): hold it, so
+                # that its id() - part of the key - cannot be reused by another field.
+                self._pinned[key] = watch
         return sampler
 
     def _evict(self, key):
@@ -202,6 +208,7 @@ class GraphCache:
             if self._graphs.pop(key, None) is not None:
                 self.stats.evictions += 1
             watcher = self._watchers.pop(key, None)
+            self._pinned.pop(key, None)
         if watcher is not None:
             watcher.detach()
 

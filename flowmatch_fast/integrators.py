@@ -133,6 +133,8 @@ def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
             check_field(v, xs)
             vu = None
             if guided:
+                if v.dim() == 0:  # a 0-dim field is a scalar to PyTorch's promotion: keep that
+                    v = v.to(result_dtype(torch.float32, v))
                 if v.shape != xs.shape:
                     v = v.expand(xs.shape)
                 v, vu = v[:rows], v[rows:]

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from . import reference
 from .reference import TimeGrid, result_dtype, stage_dtype
 
 _MAX_DIMS = 6
@@ -46,7 +47,9 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     triton, why = _triton()
     if triton is None:
         return why
-    if device.type == "cuda" or (device.type == "cpu" and interpret_mode()):
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device is available to this torch"
+    if device.type == "cpu" and interpret_mode():
         return None
     return (f"Triton kernels run on CUDA tensors (got device {device.type!r}); set "
             "TRITON_INTERPRET=1 to run them on CPU tensors through the interpreter (slow, for tests)")
@@ -82,6 +85,20 @@ def field_layout(v: torch.Tensor):
     sizes = sizes + [1] * max(0, _MAX_DIMS - ndim)
     strides = strides + [0] * max(0, _MAX_DIMS - ndim)
     return contiguous, sizes, strides, ndim
+
+
+_INT32_LIMIT = 2**31
+
+
+def offsets_fit_int32(out: torch.Tensor, traj: Optional[torch.Tensor]) -> bool:
+    """The kernels index the state, ``out`` and the trajectory with 32-bit offsets (cheaper
+    address math); past 2**31 elements (8.6 GB of float32) the reference op runs instead."""
+    if out.numel() >= _INT32_LIMIT:
+        return False
+    if traj is not None and traj.numel():
+        last = (traj.shape[0] - 1) * traj.stride(0) + traj[0].numel()
+        return last < _INT32_LIMIT
+    return True
 
 
 def double_bits(value: float) -> int:
@@ -129,6 +146,8 @@ def euler_step(
 ) -> torch.Tensor:
     if out is None:
         out = torch.empty(x.shape, dtype=result_dtype(x.dtype, v), device=x.device)
+    if not offsets_fit_int32(out, traj):
+        return reference.euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight)
     if v.shape != x.shape:
         v = v.expand(x.shape)
         if v_uncond is not None:
@@ -179,6 +198,9 @@ def stage_step(
     c = stage_dtype(x.dtype, k, acc)
     if out is None:
         out = torch.empty(x.shape, dtype=c, device=x.device)
+    if not offsets_fit_int32(out, traj):
+        return reference.stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc,
+                                    out, traj, k_uncond, guidance_weight)
     acc_out = torch.empty(x.shape, dtype=c, device=x.device) if write_acc else None
     if acc is not None and (acc.dtype != c or not acc.is_contiguous()):
         acc = acc.to(c).contiguous()
