@@ -68,7 +68,8 @@ def environment():
         "nvcc": cmd(["nvcc", "--version"]).splitlines()[-1] if cmd(["which", "nvcc"]) else None,
         "cuda_extension": ext,
         "python": platform.python_version(),
-        "commit": cmd(["git", "rev-parse", "--short", "HEAD"]),
+        # the device copy of the tree may have no .git: the caller can pass the commit
+        "commit": os.environ.get("FLOWMATCH_COMMIT") or cmd(["git", "rev-parse", "--short", "HEAD"]),
         "available_backends": backends.available_backends("cuda"),
     }
 

@@ -7,6 +7,7 @@
 #
 #   bash bench/gpu_suite.sh
 #   SUITE_SKIP="smoke demo" bash bench/gpu_suite.sh   # phases: install bench tests parity smoke demo
+#   FLOWMATCH_COMMIT=<hash> bash bench/gpu_suite.sh      # recorded in the results (no .git there)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGDIR=${OUT:-/tmp/flowmatch_gpu_suite}
