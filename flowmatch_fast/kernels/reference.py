@@ -105,15 +105,22 @@ def euler_step(
 ) -> torch.Tensor:
     if v_uncond is not None:
         v = guided_velocity(v, v_uncond, guidance_weight)
-    prod = torch.mul(grid.dt_views[i], v)
+    # two ops per step, the floor for plain torch (addcmul would fuse: not bitwise)
+    return _write_state(x, torch.mul(grid.dt_views[i], v), out, traj)
+
+
+def _write_state(x: torch.Tensor, prod: torch.Tensor, out: Optional[torch.Tensor],
+                 traj: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x + prod`` into ``out`` (fresh and contiguous when ``None``; with ``2B`` rows, the same
+    state in each block of ``B`` rows) and into the trajectory slot; returns ``out``."""
     rows = x.shape[0]
-    if out is None:  # two ops per step, the floor for plain torch (addcmul would fuse: not bitwise)
+    if out is None:
         out = torch.add(x, prod)
         if not out.is_contiguous():  # a permuted field can give a permuted sum; values are equal
             out = out.contiguous()
     elif out.shape[0] == rows:
         torch.add(x, prod, out=out)
-    else:  # doubled batch: same state in each block of B rows
+    else:  # doubled batch (guidance)
         torch.add(x, prod, out=out[:rows])
         out[rows:].copy_(out[:rows])
     if traj is not None:
@@ -160,18 +167,7 @@ def stage_step(
     h = grid.dt_views[i].to(c)
     if coef != 1.0:
         h = h * coef
-    prod = h * d
-    rows = x.shape[0]
-    if out is None:
-        out = torch.add(x.to(c), prod)
-        if not out.is_contiguous():
-            out = out.contiguous()
-    else:
-        torch.add(x.to(c), prod, out=out[:rows])
-        if out.shape[0] != rows:
-            out[rows:].copy_(out[:rows])
-    if traj is not None:
-        traj.copy_(out if out.shape[0] == rows else out[:rows])
+    out = _write_state(x.to(c), h * d, out, traj)
     acc_out = None
     if write_acc:  # x-shaped and contiguous, whatever the field's broadcast (as the kernels write it)
         acc_out = s if s.shape == x.shape and s.is_contiguous() else s.expand(x.shape).contiguous()
