@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from . import backends
 from .base import BaseDiffusion, StepFn, as_int
 from .graph import CapturedSampler, GraphCache, field_key, warn_not_cuda
-from .integrators import METHODS, Trajectory, check_field, integrate  # noqa: F401 (re-export)
+from .integrators import METHODS, Trajectory, integrate
 from .kernels.reference import TimeGrid
 
 INT_METHODS = tuple(METHODS)
@@ -186,25 +186,22 @@ class FlowMatching(BaseDiffusion):
         on_cuda = torch.device(device).type == "cuda"
         in_user_graph = (on_cuda and not torch.compiler.is_compiling()
                          and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+        # The cache serves CUDA calls outside the caller's own capture, and not noise=/generator=:
+        # a cached graph would read a tensor or generator the caller may drop (explicit
+        # capture(noise=..., generator=...) keeps them alive instead).
+        graph_wanted = use_graph and on_cuda and not in_user_graph
+        cacheable = graph_wanted and noise is None and generator is None
         plan = self._plan(batch_size, device, return_all_steps, inference_step, int_method,
                           guidance=guidance, guidance_weight=guidance_weight, timesteps=timesteps,
                           shift=shift, noise=noise, generator=generator,
-                          captured=in_user_graph or (use_graph and on_cuda and noise is None
-                                                     and generator is None))
+                          captured=in_user_graph or cacheable)
         run = functools.partial(self._run, plan, step_fn)
-        if not use_graph:
-            return run()
-        if plan.device.type != "cuda":
-            if not self._warned_not_cuda:
-                self._warned_not_cuda = True
-                warn_not_cuda(plan.device)
-            return run()
-        if in_user_graph:  # inside the caller's own graph: just run
-            return run()
-        if noise is not None or generator is not None:
-            # A cached graph would read a noise tensor or generator that the caller may drop;
-            # explicit capture(noise=..., generator=...) keeps them alive instead.
-            self._graphs.stats.eager_fallbacks += 1
+        if use_graph and not on_cuda and not self._warned_not_cuda:
+            self._warned_not_cuda = True
+            warn_not_cuda(plan.device)
+        if not cacheable:
+            if graph_wanted:  # noise= or generator= given
+                self._graphs.stats.eager_fallbacks += 1
             return run()
         fkey, watch = field_key(step_fn)
         key = (fkey, plan.key())

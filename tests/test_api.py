@@ -5,7 +5,6 @@ import inspect
 import pytest
 import torch
 
-import flowmatch_fast
 from flowmatch_fast import BaseDiffusion, FlowMatching, StepFn
 from oracle import spec_sample, spec_training_data
 
