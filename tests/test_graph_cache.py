@@ -212,3 +212,56 @@ def test_key_compares_floats_by_bits():
                                                                  guidance_weight=0.0)
     assert (_key(fm, timesteps=[-0.0, 0.5, 1.0]) != _key(fm, timesteps=[0.0, 0.5, 1.0])
             == _key(fm, timesteps=torch.tensor([0.0, 0.5, 1.0])))
+
+
+# ----------------------------------------------------------------------------- GPU
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA device")
+
+
+def smooth_field(*, x, t):
+    return torch.sin(1.7 * x) - 0.5 * x * t
+
+
+@gpu
+@needs_cuda
+def test_fresh_fields_and_nan_weights_on_a_gpu():
+    fm = FlowMatching(x_dims=(64, 2), cuda_graph=True)
+    for _ in range(4):
+        fm.sample(6, lambda *, x, t: torch.sin(x), device="cuda")  # noqa: E731
+    assert fm.graph_stats.captures == 0 and fm.graph_stats.first_calls == 4
+    assert len(fm.graph_cache) == 0
+    for _ in range(3):
+        fm.sample(6, smooth_field, device="cuda", guidance=True, guidance_weight=float("nan"))
+    assert fm.graph_stats.captures == 1 and fm.graph_stats.replays == 1
+
+
+@gpu
+@needs_cuda
+def test_threads_sharing_one_sampler_get_their_own_results():
+    fm = FlowMatching(x_dims=(64, 2), cuda_graph=True, max_graphs=2)
+    # Captures run in CUDA's global capture mode, where other threads' CUDA calls fail: capture
+    # the signatures from one thread first (README, "CUDA graphs").
+    for batch in (6, 3):
+        for _ in range(2):
+            fm.sample(batch, smooth_field, device="cuda", return_all_steps=True)
+    results = []
+
+    def worker(batch, own_stream):
+        stream = torch.cuda.Stream() if own_stream else torch.cuda.current_stream()
+        with torch.cuda.stream(stream):
+            for _ in range(25):
+                results.append(fm.sample(batch, smooth_field, device="cuda",
+                                         return_all_steps=True)[0])
+        stream.synchronize()
+
+    threads = [threading.Thread(target=worker, args=(b, s)) for b in (6, 3) for s in (False, True)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(results) == 100 and fm.graph_stats.captures == 2
+    for states in results:  # each result is one whole trajectory, from its own noise
+        want, _ = fm.sample(states.shape[0], smooth_field, device="cuda", return_all_steps=True,
+                            noise=states[:, 0].contiguous(), cuda_graph=False)
+        assert torch.equal(states, want)
