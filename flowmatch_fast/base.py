@@ -65,7 +65,7 @@ def warn_unknown_keywords(where: str, kwargs: dict) -> None:
             _warned_keywords.add((where, name))
             warnings.warn(f"{where} ignores the unknown keyword argument {name!r} (accepted, as "
                           "the original does; check its spelling if it is meant as an option)",
-                          UserWarning, stacklevel=3)
+                          UserWarning, stacklevel=4)  # the caller of sample / the constructor
 
 
 class BaseDiffusion(abc.ABC, nn.Module):

@@ -208,10 +208,11 @@ class GraphCache:
     def pool(self, device: torch.device):
         """One memory pool per device, shared by its graphs, and the :class:`ReplayOrder` that
         makes them replay one at a time."""
-        if device not in self._pools:
-            self._pools[device] = torch.cuda.graph_pool_handle()
-            self._orders[device] = ReplayOrder()
-        return self._pools[device], self._orders[device]
+        with self._lock:
+            if device not in self._pools:
+                self._pools[device] = torch.cuda.graph_pool_handle()
+                self._orders[device] = ReplayOrder()
+            return self._pools[device], self._orders[device]
 
     def call(self, key, watch, build: Callable[[], "CapturedSampler"], eager: Callable):
         """Replay the graph of ``key``; on a miss run ``eager()``, or capture with ``build()``
