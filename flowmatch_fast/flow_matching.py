@@ -371,15 +371,22 @@ def shifted_grid(values: torch.Tensor, shift: float) -> torch.Tensor:
     return out
 
 
+@backends.trace_time_constant  # run on the host when torch.compile traces sample, not traced
+def _check_shifted_grid(steps: int, shift: float) -> bool:
+    """Reject a shift whose grid has zero-length steps in float32: e.g. 1e-30 puts every point
+    at 1, 1e30 every point at 0. Checked on the host with the formula the device runs on its
+    own ``linspace``."""
+    return _check_shifted_grid_cached(steps, shift)
+
+
 @functools.lru_cache(maxsize=64)
-def _check_shifted_grid(steps: int, shift: float) -> None:
-    """Reject a shift whose grid (computed as on the device, here on the host) has zero-length
-    steps: e.g. 1e-30 puts every point at 1, 1e30 every point at 0 (in float32)."""
+def _check_shifted_grid_cached(steps: int, shift: float) -> bool:
     grid = shifted_grid(torch.linspace(0.0, 1.0, steps + 1), shift)
     if not bool((grid[1:] > grid[:-1]).all()):
         raise ValueError(f"shift={shift!r} gives {steps} steps a time grid that is not strictly "
                          f"increasing in float32 ({grid.tolist()[:4]} ...): zero-length steps; "
                          "use a shift closer to 1 or fewer steps")
+    return True
 
 
 def _capturing(device: torch.device) -> bool:
