@@ -62,8 +62,8 @@ class FlowMatching(BaseDiffusion):
 
     - ``backend``: ``"auto" | "torch" | "triton" | "cuda"`` (default: the ``FLOWMATCH_FAST_BACKEND``
       environment variable, else ``"auto"``).
-    - ``cuda_graph``: capture each distinct sampling call in a CUDA graph and replay it
-      (default ``False``; ``sample(..., cuda_graph=...)`` overrides it per call).
+    - ``cuda_graph``: capture each distinct sampling call in a CUDA graph (on its second call)
+      and replay it (default ``False``; ``sample(..., cuda_graph=...)`` overrides it per call).
     - ``max_graphs``: bound of that cache (default 8); past it, new signatures run eagerly.
     """
 
