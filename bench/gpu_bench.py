@@ -446,7 +446,7 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="results folder (default bench/results; dry run: "
                                                  "a temporary folder)")
-    ap.add_argument("--reps", type=int, default=None, help="timed calls per variant (100; dry: 5)")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per variant (100; dry: 3)")
     ap.add_argument("--compile", default="w1b6,w5b6",
                     help="workloads with every torch.compile row (comma-separated w1b<batch>, "
                          "w5b<batch>, w3, or empty): the original loop compiled (reduce-overhead) "
@@ -468,7 +468,7 @@ def main():
             args.compile_loop = ""
     elif not torch.cuda.is_available():
         sys.exit("gpu_bench.py needs a CUDA device (or --dry-run)")
-    args.reps = args.reps or (5 if args.dry_run else 100)
+    args.reps = args.reps or (3 if args.dry_run else 100)
     args.out = args.out or (os.path.join(os.environ.get("TMPDIR", "/tmp"), "flowmatch_dry_run")
                             if args.dry_run else os.path.join(os.path.dirname(__file__), "results"))
     env = environment(sz.device)

@@ -57,8 +57,6 @@ run() {  # run NAME TIMEOUT CMD...: time it, record a failure without stopping t
 note() { echo; echo "=== [$(( $(date +%s) - t0 ))s] $*"; TIMES+=("| $1 | - | $2 |"); }
 
 echo "=== flowmatch_fast suite: commit $FLOWMATCH_COMMIT, seed $FLOWMATCH_TEST_SEED, dry run: $DRY"
-$PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-$PY -c "import triton; print('triton', triton.__version__)" || true
 if [ "$DRY" = 1 ]; then
   BENCH_ARGS="--dry-run"; PYTEST_GPU="-m gpu"; DEMO_ARGS="--device cpu --fast --train-steps 20"
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # not installed: import this tree
@@ -74,7 +72,14 @@ else
   fi
   run extension 30 $PY -c "from flowmatch_fast import _cuda_euler as m; print('extension:', m.build_info())"
 fi
-$PY -c "import flowmatch_fast as f; print('backends on cuda:', f.available_backends('cuda'))"
+$PY -c "
+import sys, torch, flowmatch_fast as f
+try:
+    import triton; tv = triton.__version__
+except ImportError:
+    tv = None
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv)
+print('backends on cuda:', f.available_backends('cuda'))"
 
 if want bench; then
   run bench 400 $PY bench/gpu_bench.py --out "$RESULTS" $BENCH_ARGS

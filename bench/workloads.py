@@ -100,8 +100,9 @@ def time_interleaved(fns, device, reps=100, rounds=5, warmup=3):
     """
     on_cuda = torch.device(device).type == "cuda"
     names = list(fns)
+    rounds = min(rounds, reps)
     for name in names:
-        for _ in range(warmup):
+        for _ in range(min(warmup, max(1, reps // 3))):
             fns[name]()
     synchronize(device)
     per_round = max(1, reps // rounds)
