@@ -426,7 +426,8 @@ def sections(sz, args, copy_gbs):
     w2_numel = w2_batch * torch.Size(w2_dims).numel()
     out = [
         ("w1", lambda: [bench_workload(
-            f"W1-b{b}", W.ALPAMAYO_DIMS, b, W.TinyExpert().to(dev), 10, args.reps, sz, floor=True,
+            f"W1-b{b}", W.ALPAMAYO_DIMS, b, W.TinyExpert().to(dev), 10, args.reps, sz,
+            names=W.VARIANTS + ("per-forward-graphs",), floor=True,
             compile_=compile_for(f"w1b{b}"), compile_limit=args.compile_limit)
             for b in sz.w1_batches]),
         ("w5", lambda: [bench_workload(
