@@ -34,3 +34,24 @@ def test_gpu_suite_dry_run_runs_every_bench_section_on_cpu(tmp_path):
     assert "| bench |" in md and "| plot |" in md
     assert (results / "dry-run-cpu-W1-W5.png").exists()
     assert sorted(os.listdir(os.path.join(HERE, "results"))) == before
+
+
+def test_a_variant_that_is_not_bitwise_makes_the_run_not_count(monkeypatch):
+    """gpu_bench records a broken bitwise check as a problem (the script then exits 1)."""
+    import torch
+
+    import gpu_bench
+
+    monkeypatch.setattr(gpu_bench, "ROWS", [])
+    monkeypatch.setattr(gpu_bench, "PROBLEMS", [])
+    calls = [0]
+
+    def drifting_field(*, x, t):  # not deterministic: every call differs
+        calls[0] += 1
+        return torch.full_like(x, float(calls[0]))
+
+    gpu_bench.bench_workload("drift", (4, 2), 2, drifting_field, 3, 2, gpu_bench.DRY,
+                             names=("original", "ours-torch"))
+    assert gpu_bench.PROBLEMS == ["drift: ours-torch not bitwise to original"]
+    rows = {r["variant"]: r for r in gpu_bench.ROWS if r["workload"] == "drift"}
+    assert rows["ours-torch"]["bitwise_vs_original"] is False

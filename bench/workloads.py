@@ -86,6 +86,8 @@ class Timing(NamedTuple):
 
 
 def _timing(times):
+    if len(times) < 2:
+        return Timing(times[0], times[0], times[0])
     q = statistics.quantiles(times, n=10, method="inclusive")
     return Timing(statistics.median(times), q[0], q[-1])
 
