@@ -129,7 +129,9 @@ if want plot && [ -n "$stem" ]; then
 fi
 
 total=$(( $(date +%s) - t0 ))
-verdict="green in one go"; [ -n "$FAILED" ] && verdict="NOT green (failed:$FAILED): this run does not count"
+verdict="green in one go"
+[ -n "${SUITE_SKIP:-}" ] && verdict="green, but phases skipped ($SUITE_SKIP): not a full run"
+[ -n "$FAILED" ] && verdict="NOT green (failed:$FAILED): this run does not count"
 [ "$DRY" = 1 ] && verdict="dry run on CPU ($([ -n "$FAILED" ] && echo "failed:$FAILED" || echo "all phases ran")): no GPU figure"
 if [ -n "$stem" ] && [ -f "$stem.md" ]; then
   { echo; echo "## Suite (bench/gpu_suite.sh), commit $FLOWMATCH_COMMIT, seed $FLOWMATCH_TEST_SEED"
