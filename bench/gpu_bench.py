@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import importlib
 import inspect
 import json
 import os
@@ -498,8 +499,8 @@ def main():
     print(json.dumps(env, indent=1), flush=True)
     only = set(filter(None, args.only.split(",")))
     if args.compile:  # imported before any compile's time limit can cut an import short
-        import torch._dynamo  # noqa: F401
-        import torch._inductor.compile_fx  # noqa: F401
+        importlib.import_module("torch._dynamo")
+        importlib.import_module("torch._inductor.compile_fx")
     t_start = time.perf_counter()
     with torch.no_grad():
         W.warm_up_device(sz.device)
