@@ -124,8 +124,9 @@ __host__ __device__ __forceinline__ T skewed(T r) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Vector memory access: N elements of T moved as one 4/8/16-byte word (LDG/STG .32/.64/.128 on
-// the device; a copy of the same bytes on the host).
+// Memory access of N consecutive elements: N > 1 moves them as one 4/8/16-byte word
+// (LDG/STG .32/.64/.128 on the device; a copy of the same bytes on the host), N == 1 is a
+// plain access (the scalar path).
 template <int BYTES> struct RawWord;
 template <> struct RawWord<4> { using type = unsigned int; };
 template <> struct RawWord<8> { using type = uint2; };
@@ -133,21 +134,29 @@ template <> struct RawWord<16> { using type = uint4; };
 
 template <class T, int N>
 __host__ __device__ __forceinline__ void load_vec(const T* p, T (&dst)[N]) {
-  using R = typename RawWord<sizeof(T) * N>::type;
+  if constexpr (N == 1) {
+    dst[0] = *p;
+  } else {
+    using R = typename RawWord<sizeof(T) * N>::type;
 #ifdef __CUDA_ARCH__
-  const R r = __ldg(reinterpret_cast<const R*>(p));  // read-only path; inputs never alias out
-  memcpy(dst, &r, sizeof(R));                          // register moves after optimisation
+    const R r = __ldg(reinterpret_cast<const R*>(p));  // read-only path; inputs never alias out
+    memcpy(dst, &r, sizeof(R));                          // register moves after optimisation
 #else
-  memcpy(dst, p, sizeof(R));
+    memcpy(dst, p, sizeof(R));
 #endif
+  }
 }
 
 template <class T, int N>
 __host__ __device__ __forceinline__ void store_vec(T* p, const T (&src)[N]) {
-  using R = typename RawWord<sizeof(T) * N>::type;
-  R r;
-  memcpy(&r, src, sizeof(R));
-  *reinterpret_cast<R*>(p) = r;
+  if constexpr (N == 1) {
+    *p = src[0];
+  } else {
+    using R = typename RawWord<sizeof(T) * N>::type;
+    R r;
+    memcpy(&r, src, sizeof(R));
+    *reinterpret_cast<R*>(p) = r;
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -254,6 +263,50 @@ __host__ __device__ __forceinline__ int64_t traj_offset(const StepParams<XC, VC>
     b = e / p.traj_row;
   }
   return b * p.traj_stride + (e - b * p.traj_row);
+}
+
+// The grid-stride walk of one thread, shared by the kernels: on the contiguous path with every
+// pointer aligned (p.vec), VEC elements at a time, then the scalar tail; otherwise one element
+// at a time, the field read at its strided offset. op(IntC<N>, e, off) processes the N
+// elements from state index e (field offset off).
+template <int V> using IntC = std::integral_constant<int, V>;
+
+template <int VEC, bool CONTIG, int XC, int VC, class Op>
+__host__ __device__ __forceinline__ void grid_stride(const StepParams<XC, VC>& p, int64_t tid,
+                                                     int64_t nthreads, Op&& op) {
+  int64_t scalar_start = 0;
+  if (CONTIG && p.vec) {
+    const int64_t nvec = p.n / VEC;
+    for (int64_t k = tid; k < nvec; k += nthreads) op(IntC<VEC>{}, k * VEC, k * VEC);
+    scalar_start = nvec * VEC;
+  }
+  for (int64_t e = scalar_start + tid; e < p.n; e += nthreads) {
+    op(IntC<1>{}, e, CONTIG ? e : p.field.offset(e, p.use32));
+  }
+}
+
+// Loads N state elements and the field(s) at offset off (the unconditional field when
+// TWO_FIELDS); independent loads, issued before any use.
+template <bool TWO_FIELDS, int XC, int VC, int N>
+__host__ __device__ __forceinline__ void load_inputs(const StepParams<XC, VC>& p, int64_t e,
+                                                     int64_t off,
+                                                     typename Types<XC, VC>::X (&xs)[N],
+                                                     typename Types<XC, VC>::V (&vs)[N],
+                                                     typename Types<XC, VC>::V (&us)[N]) {
+  load_vec(p.x + e, xs);
+  load_vec(p.v + off, vs);
+  if (TWO_FIELDS) load_vec(p.vu + off, us);
+}
+
+// Stores N new state elements from index e: the state, its doubled copy, the trajectory slot
+// (rows hold whole vectors on the vector path; for a doubled vector the host checked n % VEC == 0).
+template <int XC, int VC, int N>
+__host__ __device__ __forceinline__ void write_state(const StepParams<XC, VC>& p, int64_t e,
+                                                     const typename Types<XC, VC>::S (&r)[N],
+                                                     bool doubled, bool traj) {
+  store_vec(p.out + e, r);
+  if (doubled) store_vec(p.out + p.n + e, r);
+  if (traj) store_vec(p.traj + traj_offset(p, e), r);
 }
 
 }  // namespace fmf

@@ -40,53 +40,26 @@ __host__ __device__ __forceinline__ typename Types<XC, VC>::S euler_element(
 //   DOUBLED: also write out[e + n] (the doubled batch of classifier-free guidance).
 template <int XC, int VC, bool CONTIG, int MODE, bool TRAJ, bool DOUBLED>
 struct EulerKernel {
+  using T = Types<XC, VC>;
   StepParams<XC, VC> p;
 
   __host__ __device__ __forceinline__ void operator()(int64_t tid, int64_t nthreads) const {
-    using T = Types<XC, VC>;
-    using X = typename T::X;
-    using V = typename T::V;
     using P = typename T::P;
-    using S = typename T::S;
-    constexpr int VEC = T::VEC;
-    constexpr bool TWO_FIELDS = MODE != kFieldOnly;
-
     // dt is read by the kernel: no host synchronisation, and a captured graph replays it
     // with whatever the grid buffer holds.
     const P dt = static_cast<P>(sub_rn(p.grid[1], p.grid[0]));
     const P w = static_cast<P>(p.w);
-    const int64_t n = p.n;
-
-    int64_t scalar_start = 0;  // where the per-element loop begins
-    if (CONTIG && p.vec) {
-      const int64_t nvec = n / VEC;
-      for (int64_t k = tid; k < nvec; k += nthreads) {
-        const int64_t e = k * VEC;
-        X xs[VEC];
-        V vs[VEC];
-        V us[VEC] = {};  // stays zero (and unused) with one field
-        S r[VEC];
-        // Independent loads issued before any use.
-        load_vec(p.x + e, xs);
-        load_vec(p.v + e, vs);
-        if (TWO_FIELDS) load_vec(p.vu + e, us);
+    grid_stride<T::VEC, CONTIG>(p, tid, nthreads, [&](auto width, int64_t e, int64_t off) {
+      constexpr int N = decltype(width)::value;
+      typename T::X xs[N];
+      typename T::V vs[N];
+      typename T::V us[N] = {};  // stays zero (and unused) with one field
+      typename T::S r[N];
+      load_inputs<MODE != kFieldOnly>(p, e, off, xs, vs, us);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) r[j] = euler_element<XC, VC, MODE>(xs[j], vs[j], us[j], dt, w);
-        store_vec(p.out + e, r);
-        if (DOUBLED) store_vec(p.out + n + e, r);  // host checked n % VEC == 0
-        if (TRAJ) store_vec(p.traj + traj_offset(p, e), r);  // rows hold whole vectors
-      }
-      scalar_start = nvec * VEC;
-    }
-    for (int64_t e = scalar_start + tid; e < n; e += nthreads) {
-      const int64_t off = CONTIG ? e : p.field.offset(e, p.use32);
-      const V vc = p.v[off];
-      const V vu = TWO_FIELDS ? p.vu[off] : V(0);
-      const S r = euler_element<XC, VC, MODE>(p.x[e], vc, vu, dt, w);
-      p.out[e] = r;
-      if (DOUBLED) p.out[n + e] = r;
-      if (TRAJ) p.traj[traj_offset(p, e)] = r;
-    }
+      for (int j = 0; j < N; ++j) r[j] = euler_element<XC, VC, MODE>(xs[j], vs[j], us[j], dt, w);
+      write_state(p, e, r, DOUBLED, TRAJ);
+    });
   }
 };
 
@@ -95,23 +68,14 @@ struct EulerKernel {
 const char* kernel_arch_list() { return FMF_ARCH_LIST; }
 
 cudaError_t launch_euler_step(const StepArgs& a, const Target& t) {
-  if (a.n <= 0) return cudaSuccess;
-  if (a.rank < 0 || a.rank > kMaxDims) return cudaErrorInvalidValue;
-  const bool contig = contiguous_field(a);
-  return with_dtypes(a.state_code, a.field_code, [&](auto XC, auto VC) {
-    return with_mode(a.mode, [&](auto Mode) {
-      return with_flag(contig, [&](auto Contig) {
-        return with_flag(a.traj != nullptr, [&](auto Traj) {
-          return with_flag(a.doubled, [&](auto Doubled) {
-            constexpr int xc = decltype(XC)::value, vc = decltype(VC)::value;
-            EulerKernel<xc, vc, decltype(Contig)::value, decltype(Mode)::value,
-                        decltype(Traj)::value, decltype(Doubled)::value> k;
-            fill_step_params(k.p, a, contig);
-            constexpr int VEC = Types<xc, vc>::VEC;
-            const int64_t items = k.p.vec ? (a.n + VEC - 1) / VEC : a.n;
-            return launch(k, items, t, 0, contig, VEC);
-          });
-        });
+  return dispatch_step(a, [&](auto XC, auto VC, auto Mode, auto Contig) {
+    return with_flag(a.traj != nullptr, [&](auto Traj) {
+      return with_flag(a.doubled, [&](auto Doubled) {
+        constexpr int xc = decltype(XC)::value, vc = decltype(VC)::value;
+        EulerKernel<xc, vc, decltype(Contig)::value, decltype(Mode)::value, decltype(Traj)::value,
+                    decltype(Doubled)::value> k;
+        fill_step_params(k.p, a, Contig);
+        return launch(k, t, 0, Contig);
       });
     });
   });

@@ -102,8 +102,6 @@ void fill_step_params(StepParams<XC, VC>& p, const StepArgs& a, bool contig) {
 }
 
 // ------------------------------------------------------------------------------ dispatch
-template <int V> using IntC = std::integral_constant<int, V>;
-
 // Two state dtypes x four field dtypes; f(IntC<state>, IntC<field>).
 template <class F>
 cudaError_t with_dtypes(int state_code, int field_code, F&& f) {
@@ -136,6 +134,19 @@ cudaError_t with_flag(bool b, F&& f) {
   return b ? f(std::true_type{}) : f(std::false_type{});
 }
 
+// What every entry point dispatches on: f(IntC<state>, IntC<field>, IntC<mode>, contig) with
+// contig a std::bool_constant (the field laid out like the state). Nothing to do for n == 0.
+template <class F>
+cudaError_t dispatch_step(const StepArgs& a, F&& f) {
+  if (a.n <= 0) return cudaSuccess;
+  if (a.rank < 0 || a.rank > kMaxDims) return cudaErrorInvalidValue;
+  return with_dtypes(a.state_code, a.field_code, [&](auto xc, auto vc) {
+    return with_mode(a.mode, [&](auto mode) {
+      return with_flag(contiguous_field(a), [&](auto contig) { return f(xc, vc, mode, contig); });
+    });
+  });
+}
+
 // ------------------------------------------------------------------------------ launch
 template <class Kernel>
 __global__ void __launch_bounds__(kThreads) device_entry(const Kernel k) {
@@ -147,11 +158,13 @@ __global__ void __launch_bounds__(kThreads) device_entry(const Kernel k) {
 // (binding.cpp), so it is never written concurrently.
 inline HostLaunch g_host_launches{};
 
-// Launches `k` over `items` work items (vectors or elements) on t's device and stream, or
-// walks the same grid on the host. kernel_id: 0 Euler, 1 stage (for the record).
+// Launches `k` on t's device and stream, or walks the same grid on the host; the grid covers
+// its work items (vectors on the vector path, else elements). kernel_id: 0 Euler, 1 stage
+// (for the record).
 template <class Kernel>
-cudaError_t launch(const Kernel& k, int64_t items, const Target& t, int kernel_id, bool contig,
-                   int vec) {
+cudaError_t launch(const Kernel& k, const Target& t, int kernel_id, bool contig) {
+  constexpr int vec = Kernel::T::VEC;
+  const int64_t items = k.p.vec ? (k.p.n + vec - 1) / vec : k.p.n;
   if (t.device == kHost) {
     const unsigned blocks = grid_blocks(items, kHostSms);
     const int64_t nthreads = static_cast<int64_t>(blocks) * kThreads;

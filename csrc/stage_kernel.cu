@@ -66,93 +66,56 @@ __host__ __device__ __forceinline__ typename Types<XC, VC>::S stage_element(
 // when the host found every pointer aligned, scalar tail; per-element field indexing otherwise).
 template <int XC, int VC, bool CONTIG, int MODE>
 struct StageKernel {
+  using T = Types<XC, VC>;
   StageParams<XC, VC> p;
 
   __host__ __device__ __forceinline__ void operator()(int64_t tid, int64_t nthreads) const {
-    using T = Types<XC, VC>;
-    using X = typename T::X;
-    using V = typename T::V;
-    using P = typename T::P;
     using C = typename T::S;
-    constexpr int VEC = T::VEC;
-    constexpr bool TWO_FIELDS = MODE != kFieldOnly;
-
     // h once per thread: dt read by the kernel (graph replays see the grid buffer's contents).
     C h = static_cast<C>(sub_rn(p.grid[1], p.grid[0]));
     if (!p.coef_one) h = mul_rn(h, static_cast<C>(p.coef));  // coef rounded to nearest into C
-    const P w = static_cast<P>(p.w);
-    const int64_t n = p.n;
-
-    int64_t scalar_start = 0;
-    if (CONTIG && p.vec) {
-      const int64_t nvec = n / VEC;
-      for (int64_t i = tid; i < nvec; i += nthreads) {
-        const int64_t e = i * VEC;
-        X xs[VEC];
-        V ks[VEC];
-        V us[VEC] = {};  // stays zero (and unused) with one field
-        C as[VEC] = {};  // stays zero (and unused) without an accumulator
-        C r[VEC];
-        C s[VEC];
-        load_vec(p.x + e, xs);
-        load_vec(p.v + e, ks);
-        if (TWO_FIELDS) load_vec(p.vu + e, us);
-        if (p.has_acc) load_vec(p.acc + e, as);
+    const typename T::P w = static_cast<typename T::P>(p.w);
+    grid_stride<T::VEC, CONTIG>(p, tid, nthreads, [&](auto width, int64_t e, int64_t off) {
+      constexpr int N = decltype(width)::value;
+      typename T::X xs[N];
+      typename T::V ks[N];
+      typename T::V us[N] = {};  // stays zero (and unused) with one field
+      C as[N] = {};              // stays zero (and unused) without an accumulator
+      C r[N];
+      C s[N];
+      load_inputs<MODE != kFieldOnly>(p, e, off, xs, ks, us);
+      if (p.has_acc) load_vec(p.acc + e, as);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          r[j] = stage_element<XC, VC, MODE>(p, xs[j], ks[j], us[j], as[j], h, w, s[j]);
-        }
-        store_vec(p.out + e, r);
-        if (p.doubled) store_vec(p.out + n + e, r);  // host checked n % VEC == 0
-        if (p.write_acc) store_vec(p.acc_out + e, s);
-        if (p.write_traj) store_vec(p.traj + traj_offset(p, e), r);  // rows hold whole vectors
+      for (int j = 0; j < N; ++j) {
+        r[j] = stage_element<XC, VC, MODE>(p, xs[j], ks[j], us[j], as[j], h, w, s[j]);
       }
-      scalar_start = nvec * VEC;
-    }
-    for (int64_t e = scalar_start + tid; e < n; e += nthreads) {
-      const int64_t off = CONTIG ? e : p.field.offset(e, p.use32);
-      const V kc = p.v[off];
-      const V ku = TWO_FIELDS ? p.vu[off] : V(0);
-      const C acc = p.has_acc ? p.acc[e] : C(0);
-      C s;
-      const C r = stage_element<XC, VC, MODE>(p, p.x[e], kc, ku, acc, h, w, s);
-      p.out[e] = r;
-      if (p.doubled) p.out[n + e] = r;
-      if (p.write_acc) p.acc_out[e] = s;
-      if (p.write_traj) p.traj[traj_offset(p, e)] = r;
-    }
+      write_state(p, e, r, p.doubled, p.write_traj);
+      if (p.write_acc) store_vec(p.acc_out + e, s);
+    });
   }
 };
 
 // ---- entry point (api.h)
 
 cudaError_t launch_stage_step(const StepArgs& a, const StageArgs& st, const Target& t) {
-  if (a.n <= 0) return cudaSuccess;
-  if (a.rank < 0 || a.rank > kMaxDims) return cudaErrorInvalidValue;
-  const bool contig = contiguous_field(a);
-  return with_dtypes(a.state_code, a.field_code, [&](auto XC, auto VC) {
-    return with_mode(a.mode, [&](auto Mode) {
-      return with_flag(contig, [&](auto Contig) {
-        constexpr int xc = decltype(XC)::value, vc = decltype(VC)::value;
-        using C = typename Types<xc, vc>::S;
-        constexpr int VEC = Types<xc, vc>::VEC;
-        StageKernel<xc, vc, decltype(Contig)::value, decltype(Mode)::value> k;
-        StageParams<xc, vc>& p = k.p;
-        fill_step_params(p, a, contig);
-        p.acc = static_cast<const C*>(st.acc);
-        p.acc_out = static_cast<C*>(st.acc_out);
-        p.coef = st.coef;
-        p.has_acc = st.acc != nullptr;
-        p.acc_w2 = st.acc_w2;
-        p.write_acc = st.acc_out != nullptr;
-        p.from_acc = st.from_acc;
-        p.coef_one = st.coef == 1.0;
-        p.vec = p.vec && (!p.has_acc || aligned(st.acc, VEC * sizeof(C))) &&
-                (!p.write_acc || aligned(st.acc_out, VEC * sizeof(C)));
-        const int64_t items = p.vec ? (a.n + VEC - 1) / VEC : a.n;
-        return launch(k, items, t, 1, contig, VEC);
-      });
-    });
+  return dispatch_step(a, [&](auto XC, auto VC, auto Mode, auto Contig) {
+    constexpr int xc = decltype(XC)::value, vc = decltype(VC)::value;
+    using C = typename Types<xc, vc>::S;
+    constexpr int VEC = Types<xc, vc>::VEC;
+    StageKernel<xc, vc, decltype(Contig)::value, decltype(Mode)::value> k;
+    StageParams<xc, vc>& p = k.p;
+    fill_step_params(p, a, Contig);
+    p.acc = static_cast<const C*>(st.acc);
+    p.acc_out = static_cast<C*>(st.acc_out);
+    p.coef = st.coef;
+    p.has_acc = st.acc != nullptr;
+    p.acc_w2 = st.acc_w2;
+    p.write_acc = st.acc_out != nullptr;
+    p.from_acc = st.from_acc;
+    p.coef_one = st.coef == 1.0;
+    p.vec = p.vec && (!p.has_acc || aligned(st.acc, VEC * sizeof(C))) &&
+            (!p.write_acc || aligned(st.acc_out, VEC * sizeof(C)));
+    return launch(k, t, 1, Contig);
   });
 }
 

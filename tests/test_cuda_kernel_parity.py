@@ -216,16 +216,18 @@ def test_graph_capture_reads_dt_on_the_device(cuda):
         assert torch.equal(out, reference.euler_step(x, v, TimeGrid(grid.values, 6, 3), 2))
 
 
-@pytest.mark.parametrize("return_all_steps", [False, True])
-def test_sample_matches_torch_backend(kdev, return_all_steps):
+@pytest.mark.parametrize("method, return_all_steps", [
+    ("euler", False), ("euler", True), ("midpoint", True), ("heun", True), ("rk4", True)])
+def test_sample_matches_torch_backend(kdev, method, return_all_steps):
     def field(*, x, t):
         return (torch.sin(1.7 * x) - 0.5 * x * t + t).to(torch.bfloat16)
 
     results = []
     for backend in ("torch", "cuda"):
         torch.manual_seed(0)
-        fm = FlowMatching(x_dims=[64, 2], backend=backend, num_inference_steps=10)
-        results.append(fm.sample(6, field, device=kdev, return_all_steps=return_all_steps))
+        fm = FlowMatching(x_dims=[64, 2], backend=backend, num_inference_steps=7)
+        results.append(fm.sample(6, field, device=kdev, int_method=method,
+                                 return_all_steps=return_all_steps))
     if return_all_steps:
         assert all(torch.equal(a, b) for a, b in zip(*results))
     else:
@@ -426,19 +428,6 @@ def test_stage_graph_capture_reads_dt_on_the_device(cuda):
         want, _ = reference.stage_step(x, k, TimeGrid(grid.values, 6, 3), 2, st.coef, acc, 1.0,
                                        False, True)
         assert torch.equal(out, want)
-
-
-@pytest.mark.parametrize("method", ["midpoint", "heun", "rk4"])
-def test_multistage_sample_matches_torch_backend(kdev, method):
-    def field(*, x, t):
-        return (torch.sin(1.7 * x) - 0.5 * x * t + t).to(torch.bfloat16)
-
-    results = []
-    for backend in ("torch", "cuda"):
-        torch.manual_seed(0)
-        fm = FlowMatching(x_dims=[64, 2], backend=backend, num_inference_steps=7)
-        results.append(fm.sample(6, field, device=kdev, int_method=method, return_all_steps=True))
-    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 # ------------------------------------------------------------------- GPU: torch.compile
