@@ -397,12 +397,21 @@ def test_grid_stride_loops_wrap_on_the_emulated_grid(emulated):
     assert info["blocks"] == 1
 
 
-def test_offsets_past_2_to_the_31_use_64_bits(emulated):
+def _sparse(path, numel, dtype):
+    """A CPU tensor of ``numel`` elements mapped from a sparse file: pages exist only where
+    written, so a few elements 2^31 apart cost a few pages of memory and disk, whatever the
+    machine's RAM."""
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    with open(path, "wb") as f:
+        f.truncate(nbytes)
+    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
+
+
+def test_offsets_past_2_to_the_31_use_64_bits(emulated, tmp_path):
     """A few field elements 2^31 elements apart, and a trajectory slot whose rows are 2^31
-    elements apart: 32-bit offsets would wrap. The buffers are uninitialised and untouched except
-    where written, so they cost virtual address space, not memory."""
+    elements apart: offsets computed in 32 bits would wrap."""
     big = 2**31
-    store = torch.empty(big + 64, dtype=torch.bfloat16)  # 4 GiB virtual
+    store = _sparse(tmp_path / "field", big + 64, torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     for sizes, strides in (((2, 8), (big, 1)), ((2, 3, 4), (0, big // 2, 1))):
         v = store.as_strided(sizes, strides)
@@ -413,9 +422,7 @@ def test_offsets_past_2_to_the_31_use_64_bits(emulated):
         assert not info["contiguous"] and info["index32"], info
         info = _launch("stage", x, v, acc=torch.randn(sizes, generator=gen))
         assert info["kernel"] == "stage" and not info["contiguous"]
-    del store
-    states = torch.empty(big * 2 + 64, dtype=torch.float32)  # 8 GiB virtual
-    traj = states.as_strided((2, 8), (big, 1))
+    traj = _sparse(tmp_path / "states", big + 64, torch.float32).as_strided((2, 8), (big, 1))
     x, v = torch.randn(2, 8, generator=gen), torch.randn(2, 8, generator=gen)
     grid = TimeGrid(torch.tensor([0.0, 0.3, 1.0]), 2, 2)
     traj.fill_(float("nan"))
