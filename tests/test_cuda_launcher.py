@@ -466,10 +466,25 @@ def test_launch_goes_to_the_current_stream_of_the_tensors_device(monkeypatch):
     device's; the binding makes that device current around the launch (csrc/binding.cpp)."""
     asked = []
     monkeypatch.setattr(cuda_euler, "_raw_stream", lambda index: asked.append(index) or 4242)
-    assert cuda_euler._stream(1) == 4242 and cuda_euler._stream(3) == 4242
+
+    class OnDevice(torch.Tensor):  # a CPU tensor that reports a CUDA device index
+        def get_device(self):
+            return self.index
+
+    for index in (1, 3):
+        x = torch.zeros(1).as_subclass(OnDevice)
+        x.index = index
+        assert cuda_euler._target(x) == (index, 4242)
     assert asked == [1, 3]
+    monkeypatch.delenv(cuda_euler.EMULATE_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="CUDA tensors; got x on cpu"):
+        cuda_euler._target(torch.zeros(1))
+    with pytest.raises(RuntimeError, match="CUDA tensors; got x on meta"):
+        cuda_euler._target(torch.zeros(1, device="meta"))
     monkeypatch.setenv(cuda_euler.EMULATE_ENV, "1")
-    assert cuda_euler._stream(-1) == 0 and asked == [1, 3]  # CPU tensors: the host, no stream
+    assert cuda_euler._target(torch.zeros(1)) == (-1, 0) and asked == [1, 3]  # the host
+    with pytest.raises(RuntimeError, match="got x on meta"):
+        cuda_euler._target(torch.zeros(1, device="meta"))
 
 
 needs_two_gpus = pytest.mark.skipif(

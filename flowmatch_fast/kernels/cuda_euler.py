@@ -154,18 +154,19 @@ def _require_ext():
     return ext
 
 
-def _stream(device: int) -> int:
-    """The raw handle of the current stream of CUDA device ``device`` (the tensors' device, which
-    need not be the current one); 0 for the host emulation (device -1, CPU tensors), which runs
-    only when asked for."""
+def _target(x: torch.Tensor):
+    """(device index, raw stream handle) of a launch on ``x``'s tensors: the current stream of
+    ``x``'s CUDA device (which need not be the current device), or (-1, 0) for CPU tensors under
+    the host emulation (-1 is the binding's HOST)."""
+    device = x.get_device()
     if device >= 0:
         if _raw_stream is not None:
-            return _raw_stream(device)
-        return torch.cuda.current_stream(device).cuda_stream
-    if not emulating():
-        raise RuntimeError(f"the cuda backend runs on CUDA tensors; got CPU tensors ({EMULATE_ENV} "
-                           "is not set)")
-    return 0
+            return device, _raw_stream(device)
+        return device, torch.cuda.current_stream(device).cuda_stream
+    if x.device.type != "cpu" or not emulating():
+        raise RuntimeError(f"the cuda backend runs on CUDA tensors; got x on {x.device} (CPU tensors "
+                           f"need {EMULATE_ENV}=1, the host emulation)")
+    return device, 0
 
 
 def euler_step(
@@ -222,8 +223,7 @@ def euler_step(
         raise ValueError(
             f"out must hold 1 or 2 copies of the state ({n} elements); got shape {tuple(out.shape)}"
         )
-    device = x.get_device()  # -1 for CPU tensors: the binding's HOST (_stream checks it is asked for)
-    stream = _stream(device)
+    device, stream = _target(x)
     values = grid.values
     if (
         v.get_device() != device
@@ -345,8 +345,7 @@ def _stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc, out, 
     n = x.numel()
     rows = shape[0]
     doubled = _doubled(out, n)
-    device = x.get_device()
-    stream = _stream(device)
+    device, stream = _target(x)
     values = grid.values
     if (
         k.get_device() != device
