@@ -9,9 +9,11 @@ since it runs once per sampling step (or stage).
 Host emulation: with ``FLOWMATCH_FAST_CUDA_EMULATE=1`` the backend also takes CPU tensors and
 runs the same kernel code on the host (csrc/launch.cuh walks the same grid of blocks and
 threads), through this same launch path; only the stream and the launch differ. CI runs the
-parity suite that way. What stays GPU-only: streams, the device guard, CUDA graphs, the
-compiled SASS/PTX itself (checked by inspecting the binary, and on a GPU by
-bench/gpu_suite.sh's emulated-vs-device comparison).
+parity suite that way. Outside the emulation, GPU-only: streams and the device guard, CUDA
+graphs (capture, replay), threads running concurrently (the host runs them one after another),
+and the device compilation itself: intrinsics, SASS and PTX (checked by inspecting the binary
+in tests/test_cuda_binary.py, and on a GPU by test_emulation_matches_the_device, which
+bench/gpu_suite.sh runs with the whole suite).
 
 Under ``torch.compile`` the launches go through two custom ops instead
 (``flowmatch_fast::cuda_euler_step`` / ``cuda_stage_step``, registered at import, below), which
