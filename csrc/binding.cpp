@@ -2,9 +2,9 @@
 //
 // Deliberately torch-free: tensors arrive as raw pointers (ints), dtype codes, sizes and
 // strides, and the stream as the integer handle of PyTorch's current stream (device HOST: the
-// host emulation, on CPU tensors). The module links
-// only the static CUDA runtime, so one build serves every torch version with a compatible
-// driver (torch 2.11 and 2.13 alike). The Python side is flowmatch_fast/kernels/cuda_euler.py.
+// host emulation, on CPU tensors). The module links only the static CUDA runtime, so one build
+// serves every torch version with a compatible driver (torch 2.11 and 2.13 alike). The Python
+// side is flowmatch_fast/kernels/cuda_euler.py; the kernels' entry points are in api.h.
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
