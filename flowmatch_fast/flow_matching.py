@@ -5,14 +5,15 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import struct
 from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from . import backends
-from .base import BaseDiffusion, StepFn, as_int
-from .graph import CapturedSampler, GraphCache, field_key, warn_not_cuda
+from .base import BaseDiffusion, StepFn, as_int, warn_unknown_keywords
+from .graph import CapturedSampler, GraphCache, cuda_device, field_key, warn_not_cuda
 from .integrators import METHODS, Trajectory, integrate
 from .kernels.reference import TimeGrid
 
@@ -27,6 +28,33 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _check_real(name: str, value) -> float:
+    """A real number (int, float, NumPy scalar) as a Python float; not a bool, str or tensor."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
+    return float(value)
+
+
+def _sampling_device(device) -> torch.device:
+    """``device=None`` means PyTorch's default device, as ``torch.randn(..., device=None)``."""
+    return torch.get_default_device() if device is None else torch.device(device)
+
+
+def _same_device(actual: torch.device, device: torch.device) -> bool:
+    """``actual`` (a tensor's or generator's) is the sampling ``device``; a CUDA device without
+    an index is the current one."""
+    def index(d):
+        return torch.cuda.current_device() if d.type == "cuda" and d.index is None else d.index
+
+    return actual.type == device.type and index(actual) == index(device)
+
+
 class FlowMatching(BaseDiffusion):
     """Flow-matching sampler, a drop-in replacement for Alpamayo-R1's ``FlowMatching``.
 
@@ -34,8 +62,8 @@ class FlowMatching(BaseDiffusion):
 
     - ``backend``: ``"auto" | "torch" | "triton" | "cuda"`` (default: the ``FLOWMATCH_FAST_BACKEND``
       environment variable, else ``"auto"``).
-    - ``cuda_graph``: capture each distinct sampling call in a CUDA graph and replay it
-      (default ``False``; ``sample(..., cuda_graph=...)`` overrides it per call).
+    - ``cuda_graph``: capture each distinct sampling call in a CUDA graph (on its second call)
+      and replay it (default ``False``; ``sample(..., cuda_graph=...)`` overrides it per call).
     - ``max_graphs``: bound of that cache (default 8); past it, new signatures run eagerly.
     """
 
@@ -67,7 +95,7 @@ class FlowMatching(BaseDiffusion):
         self.train_ignore_guidance_rate = train_ignore_guidance_rate
         self.inference_guidance_weight = inference_guidance_weight
         self.backend = backends.check_backend_name(backend)
-        self.cuda_graph = bool(cuda_graph)
+        self.cuda_graph = _check_bool("cuda_graph", cuda_graph)
         self._graphs = GraphCache(max_graphs)
         self._warned_not_cuda = False
         if train_timestep_sampler == "beta":
@@ -83,7 +111,8 @@ class FlowMatching(BaseDiffusion):
               generator=None, captured=False) -> "_Plan":
         """Validate one call's arguments and resolve everything that must be known up front."""
         batch_size = _check_positive_int("batch_size", batch_size, minimum=0)
-        device = torch.device(device)
+        device = _sampling_device(device)
+        guidance = _check_bool("guidance", guidance)
         method = self.int_method if int_method is None else int_method
         if method not in INT_METHODS:
             raise ValueError(f"int_method must be one of {INT_METHODS}; got {method!r}")
@@ -99,15 +128,22 @@ class FlowMatching(BaseDiffusion):
             grid_values = grid_key = None
             steps = self.num_inference_steps if inference_step is None else inference_step
             steps = _check_positive_int("inference_step", steps)
-        if shift is not None and (isinstance(shift, bool) or not isinstance(shift, numbers.Real)
-                                  or not math.isfinite(shift) or not shift > 0):
-            raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
-        if guidance_weight is not None and not guidance:
-            raise ValueError("guidance_weight= needs guidance=True (the doubled-batch field protocol)")
-        weight = 1.0
-        if guidance:  # the original never reads inference_guidance_weight: only guidance does
-            weight = float(self.inference_guidance_weight if guidance_weight is None
-                           else guidance_weight)
+        if shift is not None:
+            if (isinstance(shift, bool) or not isinstance(shift, numbers.Real)
+                    or not math.isfinite(shift) or not shift > 0):
+                raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+            shift = None if shift == 1 else float(shift)
+            if shift is not None:
+                _check_shifted_grid(steps, shift)
+        if guidance_weight is not None:
+            weight = _check_real("guidance_weight", guidance_weight)
+            if not guidance:
+                raise ValueError("guidance_weight= needs guidance=True (the doubled-batch field "
+                                 "protocol)")
+        elif guidance:  # the original never reads inference_guidance_weight: only guidance does
+            weight = _check_real("inference_guidance_weight", self.inference_guidance_weight)
+        else:
+            weight = 1.0
         if noise is not None:
             if generator is not None:
                 raise ValueError("give either noise= or generator=, not both (noise draws nothing)")
@@ -115,22 +151,21 @@ class FlowMatching(BaseDiffusion):
         if generator is not None:
             if not isinstance(generator, torch.Generator):
                 raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-            if generator.device.type != device.type:
+            if not _same_device(generator.device, device):
                 raise ValueError(f"generator is on {generator.device}; expected one on the "
                                  f"sampling device {device}")
         numel = batch_size * math.prod(self.x_dims)
         backend = backends.resolve(self.backend, device, numel, captured)
-        return _Plan(batch_size, device, steps, method, bool(return_all_steps),
-                     backend, bool(guidance), weight,
-                     grid_values, grid_key, None if shift in (None, 1, 1.0) else float(shift),
-                     noise, generator)
+        return _Plan(batch_size, device, tuple(self.x_dims), steps, method,
+                     bool(return_all_steps), backend, guidance, weight, grid_values, grid_key,
+                     shift, noise, generator)
 
     def _run(self, plan: "_Plan", step_fn):
         """The eager sampling call (also what a CUDA graph captures)."""
         if plan.noise is not None:
             x = plan.noise
         else:
-            x = torch.randn(plan.batch_size, *self.x_dims, device=plan.device,
+            x = torch.randn(plan.batch_size, *plan.x_dims, device=plan.device,
                             generator=plan.generator)
         if plan.grid_values is not None:
             values = plan.grid_values
@@ -182,10 +217,11 @@ class FlowMatching(BaseDiffusion):
         - ``noise``: the initial state ``[B, *x_dims]`` (float32 or float64, on ``device``);
           ``generator``: the ``torch.Generator`` the noise is drawn from.
         """
-        use_graph = self.cuda_graph if cuda_graph is None else cuda_graph
-        on_cuda = torch.device(device).type == "cuda"
-        in_user_graph = (on_cuda and not torch.compiler.is_compiling()
-                         and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+        warn_unknown_keywords("FlowMatching.sample", kwargs)
+        use_graph = self.cuda_graph if cuda_graph is None else _check_bool("cuda_graph", cuda_graph)
+        device = _sampling_device(device)
+        on_cuda = device.type == "cuda"
+        in_user_graph = on_cuda and not torch.compiler.is_compiling() and _capturing(device)
         # The cache serves CUDA calls outside the caller's own capture, and not noise=/generator=:
         # a cached graph would read a tensor or generator the caller may drop (explicit
         # capture(noise=..., generator=...) keeps them alive instead).
@@ -201,19 +237,14 @@ class FlowMatching(BaseDiffusion):
             warn_not_cuda(plan.device)
         if not cacheable:
             if graph_wanted:  # noise= or generator= given
-                self._graphs.stats.eager_fallbacks += 1
+                self._graphs.count_eager_fallback()
             return run()
         fkey, watch = field_key(step_fn)
-        key = (fkey, plan.key())
-        sampler = self._graphs.lookup(key)
-        if sampler is None:
-            if not self._graphs.has_room():
-                self._graphs.stats.eager_fallbacks += 1
-                return run()
-            sampler = self._graphs.add(key, watch, lambda: CapturedSampler(
-                run, plan.device, pool=self._graphs.pool(plan.device), keep_alive=False,
-                static_inputs=(plan.grid_values,)))
-        return sampler()
+        graph_device = cuda_device(plan.device)
+        pool, order = self._graphs.pool(graph_device)
+        return self._graphs.call((fkey, plan.key()), watch, lambda: CapturedSampler(
+            run, graph_device, pool=pool, order=order, keep_alive=False,
+            static_inputs=(plan.grid_values,)), run)
 
     @torch.no_grad()
     def capture(
@@ -242,7 +273,7 @@ class FlowMatching(BaseDiffusion):
         :mod:`flowmatch_fast.graph` (static shapes, inputs updated in place, no host syncs).
         Raises ``RuntimeError`` on a non-CUDA device.
         """
-        device = torch.device(device)
+        device = _sampling_device(device)
         if device.type != "cuda":
             raise RuntimeError(
                 f"FlowMatching.capture needs a CUDA device; got {str(device)!r}. "
@@ -298,6 +329,7 @@ class _Plan(NamedTuple):
 
     batch_size: int
     device: torch.device
+    x_dims: tuple
     steps: int
     method: str
     return_all_steps: bool
@@ -305,18 +337,25 @@ class _Plan(NamedTuple):
     guidance: bool
     weight: float
     grid_values: Optional[torch.Tensor]
-    grid_key: Optional[tuple]  # the explicit grid's values, read on the host at validation
+    grid_key: Optional[bytes]  # the explicit grid's float32 bits, read on the host at validation
     shift: Optional[float]
     noise: Optional[torch.Tensor]
     generator: Optional[torch.Generator]
 
     def key(self):
-        """The cache key: exactly what a captured graph bakes in (noise/generator excluded)."""
+        """The cache key: what a captured graph bakes in (noise/generator excluded).
+
+        Floats enter as their bits (a NaN weight matches itself, -0.0 is not 0.0); the default
+        dtype (of the noise and the grid) and the autocast state (of the field) are read now."""
         device = self.device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        return (device, self.batch_size, self.steps, self.method, self.return_all_steps,
-                self.backend.__name__, self.guidance, self.weight, self.grid_key, self.shift)
+        autocast = torch.is_autocast_enabled(device.type)
+        return (device, self.x_dims, self.batch_size, self.steps, self.method,
+                self.return_all_steps, self.backend.__name__, self.guidance,
+                struct.pack("<d", self.weight), self.grid_key, self.shift,
+                torch.get_default_dtype(),
+                (autocast, torch.get_autocast_dtype(device.type)) if autocast else False)
 
 
 def shifted_grid(values: torch.Tensor, shift: float) -> torch.Tensor:
@@ -332,10 +371,36 @@ def shifted_grid(values: torch.Tensor, shift: float) -> torch.Tensor:
     return out
 
 
+@backends.trace_time_constant  # run on the host when torch.compile traces sample, not traced
+def _check_shifted_grid(steps: int, shift: float) -> bool:
+    """Reject a shift whose grid has zero-length steps in float32: e.g. 1e-30 puts every point
+    at 1, 1e30 every point at 0. Checked on the host with the formula the device runs on its
+    own ``linspace``."""
+    return _check_shifted_grid_cached(steps, shift)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_shifted_grid_cached(steps: int, shift: float) -> bool:
+    grid = shifted_grid(torch.linspace(0.0, 1.0, steps + 1), shift)
+    if not bool((grid[1:] > grid[:-1]).all()):
+        raise ValueError(f"shift={shift!r} gives {steps} steps a time grid that is not strictly "
+                         f"increasing in float32 ({grid.tolist()[:4]} ...): zero-length steps; "
+                         "use a shift closer to 1 or fewer steps")
+    return True
+
+
+def _capturing(device: torch.device) -> bool:
+    """True while ``device``'s current stream is being captured (the caller's own graph)."""
+    if not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def _check_timesteps(timesteps, device: torch.device):
     """Validate an explicit grid on the host; return it as float32 on ``device``, and its values."""
     if isinstance(timesteps, torch.Tensor):
-        if timesteps.device.type != "cpu" and timesteps.device != device:
+        if timesteps.device.type != "cpu" and not _same_device(timesteps.device, device):
             raise ValueError(f"timesteps is on {timesteps.device}; expected the sampling device "
                              f"{device} or the CPU")
         if not timesteps.is_floating_point():
@@ -357,7 +422,7 @@ def _check_timesteps(timesteps, device: torch.device):
         bad = int((~(steps > 0)).nonzero()[0])  # NaN compares false: caught here too
         raise ValueError(f"timesteps must be strictly increasing (in float32); entry {bad + 1} "
                          f"({host[bad + 1].item()}) does not exceed entry {bad} ({host[bad].item()})")
-    return host.to(device), tuple(host.tolist())
+    return host.to(device), struct.pack(f"<{host.numel()}f", *host.tolist())
 
 
 def _check_noise(noise, shape, device: torch.device) -> None:
@@ -368,8 +433,7 @@ def _check_noise(noise, shape, device: torch.device) -> None:
                          f"{tuple(noise.shape)}")
     if noise.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"noise must be float32 or float64, got {noise.dtype}")
-    if noise.device != device and not (device.type == noise.device.type == "cuda"
-                                       and device.index is None):
+    if not _same_device(noise.device, device):
         raise ValueError(f"noise is on {noise.device}; expected the sampling device {device}")
     if not noise.is_contiguous():
         raise ValueError("noise must be contiguous (it is handed to step_fn as the first state)")

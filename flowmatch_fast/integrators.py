@@ -12,7 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from .kernels import reference
-from .kernels.reference import TimeGrid, kernel_supports, result_dtype, stage_dtype
+from .kernels.reference import (TimeGrid, kernel_readable, kernel_supports, result_dtype,
+                                stage_dtype)
 
 
 def check_field(v, x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +78,10 @@ def euler_loop(x, grid: TimeGrid, step_fn, backend, trajectory: Optional[Traject
         if type(v) is not torch.Tensor or v.shape != x.shape or v.device != x.device:
             check_field(v, x)
         slot = None if trajectory is None else trajectory.slot(i + 1, result_dtype(x.dtype, v))
-        update = fused if has_kernel and kernel_supports(x, v) else plain
-        x = update(x, v, grid, i, None, slot)
+        if has_kernel and kernel_supports(x, v):
+            x = fused(x, kernel_readable(v), grid, i, None, slot)
+        else:
+            x = plain(x, v, grid, i, None, slot)
     return x
 
 
@@ -146,6 +149,9 @@ def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
             out = torch.empty((2 * rows, *x.shape[1:]), dtype=dtype, device=x.device) if guided else None
             slot = trajectory.slot(i + 1, dtype) if trajectory is not None and j == last else None
             fused = _fused_ok(x, v, acc_in)
+            if fused:
+                v = kernel_readable(v)
+                vu = None if vu is None else kernel_readable(vu)
             if method == "euler":
                 step = backend.euler_step if fused else reference.euler_step
                 xs = step(x, v, grid, i, out, slot, vu, weight)
