@@ -30,6 +30,11 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> int:
 class FlowMatching(BaseDiffusion):
     """Flow-matching sampler, a drop-in replacement for Alpamayo-R1's ``FlowMatching``.
 
+    Required keyword ``x_dims`` (int or sequence of ints): the shape of one sample, without the
+    batch, e.g. ``FlowMatching(x_dims=(64, 2))``; it travels in ``**kwargs`` to
+    :class:`BaseDiffusion`, as in the original, and is stored as a list. ``sample`` returns
+    ``[B, *x_dims]``.
+
     Positional arguments keep the original order; our own options are keyword-only:
 
     - ``backend``: ``"auto" | "torch" | "triton" | "cuda"`` (default: the ``FLOWMATCH_FAST_BACKEND``

@@ -51,3 +51,13 @@ def test_no_command_prints_the_help_and_fails(capsys):
     assert main([]) == 2
     out = capsys.readouterr().out
     assert "demo" in out and "info" in out and "--version" in out
+
+
+def test_help_of_flowmatching_names_the_required_x_dims():
+    import pydoc
+
+    from flowmatch_fast import FlowMatching
+
+    doc = FlowMatching.__doc__
+    assert "x_dims" in doc and "Required" in doc
+    assert "x_dims" in pydoc.render_doc(FlowMatching, renderer=pydoc.plaintext).split("Method")[0]
