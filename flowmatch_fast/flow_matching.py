@@ -170,7 +170,7 @@ class FlowMatching(BaseDiffusion):
         noise: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         **kwargs,
-    ):
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Integrate ``step_fn`` from Gaussian noise (t=0) to data (t=1).
 
         Returns ``x`` ``[B, *x_dims]``, or with ``return_all_steps=True`` the tuple
