@@ -56,7 +56,7 @@ $(DEPS_STAMP): pyproject.toml Makefile $(if $(OWN_VENV),$(VENV)/bin/python)
 	@$(PIP) install -q $(PINS) $(BUILD_DEPS)
 	@mkdir -p $(dir $@) && touch $@
 
-$(PKG_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(wildcard csrc/*)
+$(PKG_STAMP): setup.py pyproject.toml $(wildcard csrc/*) | $(DEPS_STAMP)
 	@echo "== installing flowmatch_fast (editable) and its test/demo extras, $(NVCC_NOTE)"
 	@$(PIP) install -q --no-build-isolation -e ".[test,demo$(if $(OWN_VENV),,$(comma)triton)]"
 	@mkdir -p $(dir $@) && touch $@
