@@ -98,7 +98,8 @@ dist-check: dist
 	@echo "== a fresh environment in $(DIST_CHECK)/venv: $(TORCH_PIN) and the wheel with its test extras"
 	$(BOOTSTRAP_PY) -m venv $(DIST_CHECK)/venv
 	$(DIST_CHECK)/venv/bin/python -m pip install -q $(TORCH_PIN) "$$(ls dist/*.whl)[test]"
-	cd "$$(mktemp -d)" && $(CURDIR)/$(DIST_CHECK)/venv/bin/python $(CURDIR)/.ci/check_dist.py $(CURDIR)/dist
+	cd $(DIST_CHECK) && mkdir outside && cd outside && \
+	  ../venv/bin/python $(CURDIR)/.ci/check_dist.py $(CURDIR)/dist
 	tar -xzf dist/*.tar.gz -C $(DIST_CHECK)
 	@echo "== the sdist's own tests, run from the unpacked sdist against the installed wheel"
 	cd $(DIST_CHECK)/flowmatch_fast-* && ../venv/bin/pytest tests -q -p no:cacheprovider

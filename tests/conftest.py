@@ -29,7 +29,8 @@ def case_rng(request):
 def _gpu_only(report) -> bool:
     """A skip because there is no GPU: a ``gpu``-marked test, or a skip saying it needs CUDA."""
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-    return "gpu" in report.keywords or "CUDA device" in reason
+    # A skipped module (pytest.importorskip) arrives as a CollectReport, without keywords.
+    return "gpu" in getattr(report, "keywords", ()) or "CUDA device" in reason
 
 
 def pytest_terminal_summary(terminalreporter):

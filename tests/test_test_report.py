@@ -32,6 +32,8 @@ def test_other_reason():
 def test_quiet_run_prints_the_seed_and_one_line_for_gpu_only_skips(tmp_path):
     shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
     (tmp_path / "test_sample.py").write_text(SAMPLE_TESTS)
+    (tmp_path / "test_skipped_module.py").write_text(
+        'import pytest\npytest.importorskip("no_such_module_here")\n')
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
@@ -47,4 +49,5 @@ def test_quiet_run_prints_the_seed_and_one_line_for_gpu_only_skips(tmp_path):
     assert out.count("GPU-only tests skipped") == 1
     assert f"{gpu_only} GPU-only tests skipped" in out
     assert "1 skipped: no cuobjdump" in out
+    assert "1 skipped: could not import 'no_such_module_here'" in out
     assert "SKIPPED" not in out  # no per-test skip lines
