@@ -52,7 +52,7 @@ $(VENV)/bin/python:
 	       "or use an environment you have: make test PY=/path/to/python" >&2; exit 1; }
 
 $(DEPS_STAMP): pyproject.toml Makefile $(if $(OWN_VENV),$(VENV)/bin/python)
-	@echo "== installing into $(if $(OWN_VENV),$(VENV)/,$(PY)'s environment): $(PINS) build tools (setuptools, pybind11, ninja)"
+	@echo "== installing into $(if $(OWN_VENV),$(VENV)/,$(PY)'s environment): $(if $(PINS),$(PINS) and )the build tools (setuptools, pybind11, ninja)"
 	@$(PIP) install -q $(PINS) $(BUILD_DEPS)
 	@mkdir -p $(dir $@) && touch $@
 
