@@ -19,13 +19,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _setuptools_version():
-    import setuptools
-    from packaging.version import Version
-
-    return Version(setuptools.__version__)
-
-
 def test_package_ships_py_typed():
     assert importlib.resources.files("flowmatch_fast").joinpath("py.typed").is_file()
 
@@ -41,9 +34,9 @@ def test_license_file_and_spdx_metadata():
 
 
 def test_sdist_holds_the_tests_their_helpers_the_sources_and_the_license(tmp_path):
-    pytest.importorskip("setuptools")
-    if _setuptools_version().major < 77:
-        pytest.skip(f"setuptools {_setuptools_version()} < 77 reads no SPDX license string")
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"setuptools {setuptools.__version__} < 77 reads no SPDX license string")
     proc = subprocess.run(
         [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
          "sdist", "--dist-dir", str(tmp_path)],
