@@ -1,7 +1,8 @@
-"""``python -m flowmatch_fast demo``: it learns, it is bitwise-faithful, it writes a sane figure.
+"""``python -m flowmatch_fast demo``: it learns, it is bitwise-faithful, it writes a sane figure,
+and it turns bad settings (--out, --device, --train-steps 0, unknown options) into clear messages.
 
-Runs the demo in ``--fast`` mode twice (once in-process, once as the real command line); about
-20 s in all on a 2-core CPU.
+Runs the demo in ``--fast`` mode twice (once in-process, once as the real command line), and the
+edge cases on tiny settings; about 30 s in all on a 2-core CPU.
 """
 
 from __future__ import annotations
