@@ -58,6 +58,11 @@ def _same_device(actual: torch.device, device: torch.device) -> bool:
 class FlowMatching(BaseDiffusion):
     """Flow-matching sampler, a drop-in replacement for Alpamayo-R1's ``FlowMatching``.
 
+    Required keyword ``x_dims`` (int or sequence of ints): the shape of one sample, without the
+    batch, e.g. ``FlowMatching(x_dims=(64, 2))``; it travels in ``**kwargs`` to
+    :class:`BaseDiffusion`, as in the original, and is stored as a list. ``sample`` returns
+    ``[B, *x_dims]``.
+
     Positional arguments keep the original order; our own options are keyword-only:
 
     - ``backend``: ``"auto" | "torch" | "triton" | "cuda"`` (default: the ``FLOWMATCH_FAST_BACKEND``
@@ -200,7 +205,7 @@ class FlowMatching(BaseDiffusion):
         noise: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         **kwargs,
-    ):
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Integrate ``step_fn`` from Gaussian noise (t=0) to data (t=1).
 
         Returns ``x`` ``[B, *x_dims]``, or with ``return_all_steps=True`` the tuple
