@@ -186,7 +186,8 @@ class GraphCache:
         return len(self._graphs) < self.max_graphs
 
     def add(self, key, watch, build: Callable[[], "CapturedSampler"]):
-        """Capture with ``build()`` and store it under ``key``; ``watch`` is the field object."""
+        """Capture with ``build()`` and store it under ``key``; ``watch`` is the field object, or a
+        tuple of them (two fields under guidance: the graph goes when either is collected)."""
         try:
             sampler = build()
         except BaseException:
@@ -195,21 +196,26 @@ class GraphCache:
         self.stats.captures += 1
         with self._lock:
             self._graphs[key] = sampler
-            try:
-                self._watchers[key] = weakref.finalize(watch, self._evict, key)
-            except TypeError:
-                # Not weak-referenceable (__slots__ without __weakref__, builtins): hold it, so
-                # that its id() - part of the key - cannot be reused by another field.
-                self._pinned[key] = watch
+            watchers, pinned = [], []
+            for obj in watch if isinstance(watch, tuple) else (watch,):
+                try:
+                    watchers.append(weakref.finalize(obj, self._evict, key))
+                except TypeError:
+                    # Not weak-referenceable (__slots__ without __weakref__, builtins): hold it,
+                    # so that its id() - part of the key - cannot be reused by another field.
+                    pinned.append(obj)
+            self._watchers[key] = watchers
+            if pinned:
+                self._pinned[key] = pinned[0] if len(pinned) == 1 else tuple(pinned)
         return sampler
 
     def _evict(self, key):
         with self._lock:
             if self._graphs.pop(key, None) is not None:
                 self.stats.evictions += 1
-            watcher = self._watchers.pop(key, None)
+            watchers = self._watchers.pop(key, ())
             self._pinned.pop(key, None)
-        if watcher is not None:
+        for watcher in watchers:
             watcher.detach()
 
     def clear(self):
