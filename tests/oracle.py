@@ -32,3 +32,29 @@ def spec_training_data(x, sampler="beta"):
     t = t.view(b, *[1] * (x.dim() - 1))
     noise = torch.randn_like(x)
     return t, noise, t * x + (1 - t) * noise
+
+
+@torch.no_grad()
+def spec_sample_1_5(x_dims, batch_size, step_fn, unguided_step_fn=None, device="cpu", steps=10,
+                    return_all_steps=False, guidance=False, weight=1.0, temperature=1.0):
+    """SPEC, "Alpamayo 1.5's FlowMatching": noise times temperature; guided field first, then
+    the unguided one, v = (1 - w) * vu + w * vg as PyTorch evaluates it; then x + dt * v."""
+    x_dims = [x_dims] if isinstance(x_dims, int) else list(x_dims)
+    n = len(x_dims)
+    x = torch.randn(batch_size, *x_dims, device=device) * temperature
+    grid = torch.linspace(0.0, 1.0, steps + 1, device=device)
+    states = [x]
+    for i in range(steps):
+        t = grid[i].view(1, *[1] * n).expand(batch_size, *[1] * n)
+        dt = (grid[i + 1] - grid[i]).view(1, *[1] * n).expand(batch_size, *[1] * n)
+        if guidance:
+            vg = step_fn(x=x, t=t)
+            vu = unguided_step_fn(x=x, t=t)
+            v = (1 - weight) * vu + weight * vg
+        else:
+            v = step_fn(x=x, t=t)
+        x = x + dt * v
+        states.append(x)
+    if return_all_steps:
+        return torch.stack(states, dim=1), grid
+    return x
