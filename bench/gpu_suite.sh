@@ -58,6 +58,7 @@ if want parity; then
     phase "GPU cases through backend=$b -> $LOGDIR/parity-$b.log"
     ( FLOWMATCH_FAST_BACKEND=$b timeout 170 $PY -m pytest tests/test_parity.py \
         tests/test_methods.py tests/test_graphs.py tests/test_compile.py tests/test_kernels.py \
+        tests/test_alpamayo1_5.py \
         -q -m gpu $XDIST -p no:cacheprovider -rs > "$LOGDIR/parity-$b.log" 2>&1
       echo "rc=$?" >> "$LOGDIR/parity-$b.log" ) & pids+=($!)
   done
