@@ -16,7 +16,7 @@ import torch
 
 from . import base
 from .base import StepFn
-from .flow_matching import INT_METHODS, Sampling
+from .flow_matching import Sampling
 from .graph import CapturedSampler
 
 __all__ = ["BaseDiffusion", "FlowMatching", "StepFn"]
@@ -52,11 +52,7 @@ class FlowMatching(Sampling, BaseDiffusion):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        if int_method not in INT_METHODS:
-            raise ValueError(f"int_method must be one of {INT_METHODS}; got {int_method!r}")
-        self._init_sampling(num_inference_steps, backend, cuda_graph, max_graphs)
-        self.int_method = int_method
-        self.num_inference_steps = num_inference_steps
+        self._init_sampling(int_method, num_inference_steps, backend, cuda_graph, max_graphs)
         self.inference_guidance_weight = inference_guidance_weight
 
     def _guidance(self, unguided_step_fn, use_classifier_free_guidance, inference_guidance_weight):

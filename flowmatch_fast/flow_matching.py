@@ -36,8 +36,14 @@ class Sampling:
     1.5: a second, unguided field).
     """
 
-    def _init_sampling(self, num_inference_steps, backend, cuda_graph, max_graphs) -> None:
+    def _init_sampling(self, int_method, num_inference_steps, backend, cuda_graph,
+                       max_graphs) -> None:
+        """Validate and keep the options both classes share (their attributes of those names)."""
+        if int_method not in INT_METHODS:
+            raise ValueError(f"int_method must be one of {INT_METHODS}; got {int_method!r}")
         _check_positive_int("num_inference_steps", num_inference_steps)
+        self.int_method = int_method
+        self.num_inference_steps = num_inference_steps
         self.backend = backends.check_backend_name(backend)
         self.cuda_graph = bool(cuda_graph)
         self._graphs = GraphCache(max_graphs)
@@ -207,17 +213,13 @@ class FlowMatching(Sampling, BaseDiffusion):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        if int_method not in INT_METHODS:
-            raise ValueError(f"int_method must be one of {INT_METHODS}; got {int_method!r}")
+        self._init_sampling(int_method, num_inference_steps, backend, cuda_graph, max_graphs)
         if train_timestep_sampler not in TIMESTEP_SAMPLERS:
             raise ValueError(
                 f"train_timestep_sampler must be one of {TIMESTEP_SAMPLERS}; "
                 f"got {train_timestep_sampler!r}"
             )
-        self._init_sampling(num_inference_steps, backend, cuda_graph, max_graphs)
-        self.int_method = int_method
         self.train_timestep_sampler = train_timestep_sampler
-        self.num_inference_steps = num_inference_steps
         self.train_ignore_guidance_rate = train_ignore_guidance_rate
         self.inference_guidance_weight = inference_guidance_weight
         if train_timestep_sampler == "beta":
