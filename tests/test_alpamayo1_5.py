@@ -6,6 +6,7 @@ Runs on whatever backend ``FLOWMATCH_FAST_BACKEND`` selects (CI: plain torch, th
 the interpreter), on CPU and, when there is one, on a CUDA device.
 """
 
+import gc
 import inspect
 import itertools
 import math
@@ -16,6 +17,7 @@ import torch
 from flowmatch_fast import alpamayo1_5, alpamayo_r1, backends
 from flowmatch_fast import FlowMatching as R1FlowMatching
 from flowmatch_fast.alpamayo1_5 import BaseDiffusion, FlowMatching
+from flowmatch_fast.graph import GraphCache, field_key
 from flowmatch_fast.integrators import fused_ok
 from flowmatch_fast.kernels import cuda_euler, reference, triton_euler
 from flowmatch_fast.kernels.reference import TimeGrid
@@ -230,6 +232,40 @@ def test_noise_generator_methods_grids_agree_with_the_torch_backend(device, case
     _assert_same(given, drawn, "noise= is the draw temperature multiplies")
 
 
+def test_zero_dim_fields_keep_pytorchs_promotion(device):
+    for dtypes in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64)):
+        vg = lambda *, x, t: torch.tensor(0.75, dtype=dtypes[0], device=x.device)  # noqa: E731
+        vu = lambda *, x, t: torch.tensor(-1.5, dtype=dtypes[1], device=x.device)  # noqa: E731
+        results = []
+        for run in ("ours", "spec"):
+            torch.manual_seed(3)
+            if run == "ours":
+                results.append(FlowMatching("euler", 3, 2.5, (4, 2), True).sample(
+                    5, vg, vu, device, True))
+            else:
+                results.append(spec_sample_1_5((4, 2), 5, vg, vu, device, 3, True, guidance=True,
+                                               weight=2.5))
+        _assert_same(*results, str(dtypes))
+
+
+def test_graph_cache_evicts_when_either_field_is_collected():
+    """The cache watches both fields of a guided graph (CPU bookkeeping; capture is GPU-only)."""
+    cache = GraphCache(max_graphs=4)
+
+    def guided(*, x, t):
+        return x
+
+    def unguided(*, x, t):
+        return x
+
+    keys, watches = zip(field_key(guided), field_key(unguided))
+    cache.add((*keys, "plan"), watches, object)
+    assert len(cache) == 1
+    del unguided, watches
+    gc.collect()
+    assert len(cache) == 0 and cache.stats.evictions == 1
+
+
 # ----------------------------------------------------------------------- PyTorch's rounding
 def _mix_model(vg, vu, w):
     """How PyTorch evaluates ``(1 - w) * vu + w * vg`` for one field dtype ``F`` (established by
@@ -407,7 +443,6 @@ def test_cuda_graph_both_fields_in_one_graph_and_in_the_key():
         _assert_same(got, eager.sample(6, vg, unguided, dev, temperature=0.9), "eager")
     assert fm.graph_stats.captures == 2 and fm.graph_stats.replays == 1
     del vu2
-    import gc
     gc.collect()
     assert fm.graph_stats.evictions == 1
     sampler = fm.capture(6, vg, vu, dev, True, temperature=0.9)
