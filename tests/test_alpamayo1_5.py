@@ -48,6 +48,24 @@ def _assert_same(ours, ref, msg):
         pytest.fail(f"{msg}: not bitwise equal (max abs diff {diff:.3g})")
 
 
+def _guided_both(fields, x_dims, batch, device, steps, weight, seed, return_all_steps=True,
+                 temperature=1.0):
+    """(ours, the SPEC's) guided sampling under the same seed; ``fields()`` makes a fresh
+    (guided, unguided) pair per run (some test fields count their calls)."""
+    results = []
+    for run in ("ours", "spec"):
+        vg, vu = fields()
+        torch.manual_seed(seed)
+        if run == "ours":
+            fm = FlowMatching("euler", steps, weight, x_dims, True)
+            results.append(fm.sample(batch, vg, vu, device, return_all_steps,
+                                     temperature=temperature))
+        else:
+            results.append(spec_sample_1_5(x_dims, batch, vg, vu, device, steps, return_all_steps,
+                                           guidance=True, weight=weight, temperature=temperature))
+    return results
+
+
 def _unguided(field):
     """Another field from the same factory: evaluated at a moved state."""
     return lambda *, x, t: field(x=0.25 - 0.8 * x, t=t)
@@ -110,19 +128,10 @@ def test_guided_parity_every_dtype_pair(device, dtypes, return_all_steps, case_r
     seed = case_rng.randrange(2**31)
     msg = (f"x_dims={x_dims} batch={batch} steps={steps} layout={layout} w={weight} "
            f"temperature={temperature} seed={seed}")
-    results = []
-    for run in ("ours", "spec"):
-        vg = make_field(layout, dtypes[0], x_dims, seed)
-        vu = _unguided(make_field(layout, dtypes[1], x_dims, seed + 1))
-        torch.manual_seed(seed)
-        if run == "ours":
-            fm = FlowMatching("euler", steps, weight, x_dims, True)
-            results.append(fm.sample(batch, vg, vu, device, return_all_steps,
-                                     temperature=temperature))
-        else:
-            results.append(spec_sample_1_5(x_dims, batch, vg, vu, device, steps, return_all_steps,
-                                           guidance=True, weight=weight, temperature=temperature))
-    _assert_same(*results, msg)
+    fields = lambda: (make_field(layout, dtypes[0], x_dims, seed),  # noqa: E731
+                      _unguided(make_field(layout, dtypes[1], x_dims, seed + 1)))
+    _assert_same(*_guided_both(fields, x_dims, batch, device, steps, weight, seed,
+                               return_all_steps, temperature), msg)
 
 
 @pytest.mark.parametrize("dtype", FIELD_DTYPES, ids=str)
@@ -167,17 +176,8 @@ def test_guided_field_is_called_first_so_random_fields_match(device, case_rng):
             return (smooth(x, t) * scale + 0.1 * torch.randn_like(x)).to(torch.bfloat16)
         return field
 
-    results = []
-    for run in ("ours", "spec"):
-        torch.manual_seed(seed)
-        vg, vu = noisy("g", 1.0), noisy("u", -0.5)
-        if run == "ours":
-            results.append(FlowMatching("euler", 5, 2.0, (64, 2), True).sample(
-                6, vg, vu, device, True))
-        else:
-            results.append(spec_sample_1_5((64, 2), 6, vg, vu, device, 5, True, guidance=True,
-                                           weight=2.0))
-    _assert_same(*results, f"seed={seed}")
+    fields = lambda: (noisy("g", 1.0), noisy("u", -0.5))  # noqa: E731
+    _assert_same(*_guided_both(fields, (64, 2), 6, device, 5, 2.0, seed), f"seed={seed}")
     assert order[:4] == ["g", "u", "g", "u"]
 
 
@@ -196,15 +196,7 @@ def test_nan_and_inf_fields_propagate_without_shortcuts(device, weight):
         v[1, 0, 1] = -float("inf")
         return v
 
-    results = []
-    for run in ("ours", "spec"):
-        torch.manual_seed(11)
-        if run == "ours":
-            results.append(FlowMatching("euler", 3, weight, (3, 2), True).sample(
-                2, vg, vu, device, True))
-        else:
-            results.append(spec_sample_1_5((3, 2), 2, vg, vu, device, 3, True, guidance=True,
-                                           weight=weight))
+    results = _guided_both(lambda: (vg, vu), (3, 2), 2, device, 3, weight, 11)
     _assert_same(*results, f"w={weight}")
     assert results[0][0].isnan().any()
 
@@ -236,16 +228,7 @@ def test_zero_dim_fields_keep_pytorchs_promotion(device):
     for dtypes in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64)):
         vg = lambda *, x, t: torch.tensor(0.75, dtype=dtypes[0], device=x.device)  # noqa: E731
         vu = lambda *, x, t: torch.tensor(-1.5, dtype=dtypes[1], device=x.device)  # noqa: E731
-        results = []
-        for run in ("ours", "spec"):
-            torch.manual_seed(3)
-            if run == "ours":
-                results.append(FlowMatching("euler", 3, 2.5, (4, 2), True).sample(
-                    5, vg, vu, device, True))
-            else:
-                results.append(spec_sample_1_5((4, 2), 5, vg, vu, device, 3, True, guidance=True,
-                                               weight=2.5))
-        _assert_same(*results, str(dtypes))
+        _assert_same(*_guided_both(lambda: (vg, vu), (4, 2), 5, device, 3, 2.5, 3), str(dtypes))
 
 
 def test_graph_cache_evicts_when_either_field_is_collected():
