@@ -425,7 +425,7 @@ def test_cuda_graph_both_fields_in_one_graph_and_in_the_key():
         torch.manual_seed(3)
         _assert_same(got, eager.sample(6, vg, unguided, dev, temperature=0.9), "eager")
     assert fm.graph_stats.captures == 2 and fm.graph_stats.replays == 1
-    del vu2
+    del vu2, unguided  # the loop variable holds the last field too
     gc.collect()
     assert fm.graph_stats.evictions == 1
     sampler = fm.capture(6, vg, vu, dev, True, temperature=0.9)

@@ -82,7 +82,7 @@ def velocity(v_ptr, vu_ptr, v_offs, mask, w_bits, p_type: tl.constexpr, GUIDED: 
         vu = tl.load(vu_ptr + v_offs, mask=mask).to(p_type)
         w = w_bits.to(tl.int64).to(tl.float64, bitcast=True)
         if MIX:
-            f_type: tl.constexpr = v_ptr.dtype.element_ty
+            f_type = v_ptr.dtype.element_ty
             one = tl.full((), 1.0, tl.float64)
             a = round_to(vu * (one - w).to(p_type), f_type)
             b = round_to(v * w.to(p_type), f_type)
