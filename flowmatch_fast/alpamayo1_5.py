@@ -9,14 +9,13 @@ is that API over the same planning, integration, kernels and graph cache as the 
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 
 from . import base
 from .base import StepFn
-from .flow_matching import Sampling
+from .flow_matching import Sampling, _check_real
 from .graph import CapturedSampler
 
 __all__ = ["BaseDiffusion", "FlowMatching", "StepFn"]
@@ -28,6 +27,8 @@ class BaseDiffusion(base.BaseDiffusion):
     def __init__(self, x_dims: Union[int, Sequence[int]], use_classifier_free_guidance: bool = False,
                  *args, **kwargs):
         super().__init__(x_dims)
+        # Named apart from the R1 class's warnings (each name is warned once per place).
+        base.warn_unknown_keywords(f"alpamayo1_5.{type(self).__name__}", kwargs)
         self.use_classifier_free_guidance = use_classifier_free_guidance
 
 
@@ -66,9 +67,8 @@ class FlowMatching(Sampling, BaseDiffusion):
                              "given: pass the unguided field as the third argument of sample")
         w = self.inference_guidance_weight if inference_guidance_weight is None \
             else inference_guidance_weight
-        if isinstance(w, bool) or not isinstance(w, numbers.Real):
-            raise TypeError(f"inference_guidance_weight must be a real number, got {w!r}")
-        return (unguided_step_fn,), dict(guidance="mix", weight=w)
+        return (unguided_step_fn,), dict(guidance="mix",
+                                         weight=_check_real("inference_guidance_weight", w))
 
     @torch.no_grad()
     def sample(
@@ -103,6 +103,7 @@ class FlowMatching(Sampling, BaseDiffusion):
         the ``torch.randn`` draw; ``temperature`` still multiplies it), ``generator``; and
         ``int_method`` also takes ``"midpoint"``, ``"heun"``, ``"rk4"``.
         """
+        base.warn_unknown_keywords("alpamayo1_5.FlowMatching.sample", kwargs)
         extra, guidance = self._guidance(unguided_step_fn, use_classifier_free_guidance,
                                          inference_guidance_weight)
         return self._sample(

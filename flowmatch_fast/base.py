@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import operator
+import warnings
 from typing import Protocol, Sequence, Union
 
 import torch
@@ -53,11 +54,26 @@ def _normalize_x_dims(x_dims: Union[int, Sequence[int]]) -> list:
     return dims
 
 
+_warned_keywords: set = set()
+
+
+def warn_unknown_keywords(where: str, kwargs: dict) -> None:
+    """Keywords the original accepts and ignores: accepted (configs carry extra keys), with one
+    warning per name and place, so that a misspelt option is seen."""
+    for name in kwargs:
+        if (where, name) not in _warned_keywords:
+            _warned_keywords.add((where, name))
+            warnings.warn(f"{where} ignores the unknown keyword argument {name!r} (accepted, as "
+                          "the original does; check its spelling if it is meant as an option)",
+                          UserWarning, stacklevel=4)  # the caller of sample / the constructor
+
+
 class BaseDiffusion(abc.ABC, nn.Module):
     """Base class of the samplers: stores ``x_dims`` as a list (``128`` -> ``[128]``)."""
 
     def __init__(self, x_dims: Union[int, Sequence[int]], *args, **kwargs):
         super().__init__()
+        warn_unknown_keywords(type(self).__name__, kwargs)
         self.x_dims = _normalize_x_dims(x_dims)
 
     @abc.abstractmethod

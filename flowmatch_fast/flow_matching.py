@@ -5,14 +5,15 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import struct
 from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from . import backends
-from .base import BaseDiffusion, StepFn, as_int
-from .graph import CapturedSampler, GraphCache, field_key, warn_not_cuda
+from .base import BaseDiffusion, StepFn, as_int, warn_unknown_keywords
+from .graph import CapturedSampler, GraphCache, cuda_device, field_key, warn_not_cuda
 from .integrators import METHODS, Trajectory, integrate
 from .kernels.reference import TimeGrid
 
@@ -25,6 +26,33 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _check_real(name: str, value) -> float:
+    """A real number (int, float, NumPy scalar) as a Python float; not a bool, str or tensor."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
+    return float(value)
+
+
+def _sampling_device(device) -> torch.device:
+    """``device=None`` means PyTorch's default device, as ``torch.randn(..., device=None)``."""
+    return torch.get_default_device() if device is None else torch.device(device)
+
+
+def _same_device(actual: torch.device, device: torch.device) -> bool:
+    """``actual`` (a tensor's or generator's) is the sampling ``device``; a CUDA device without
+    an index is the current one."""
+    def index(d):
+        return torch.cuda.current_device() if d.type == "cuda" and d.index is None else d.index
+
+    return actual.type == device.type and index(actual) == index(device)
 
 
 class Sampling:
@@ -45,16 +73,17 @@ class Sampling:
         self.int_method = int_method
         self.num_inference_steps = num_inference_steps
         self.backend = backends.check_backend_name(backend)
-        self.cuda_graph = bool(cuda_graph)
+        self.cuda_graph = _check_bool("cuda_graph", cuda_graph)
         self._graphs = GraphCache(max_graphs)
         self._warned_not_cuda = False
 
     def _plan(self, batch_size, device, return_all_steps=False, inference_step=None,
-              int_method=None, *, guidance=None, weight=1.0, temperature=1.0, timesteps=None, shift=None,
-              noise=None, generator=None, captured=False) -> "_Plan":
-        """Validate one call's arguments and resolve everything that must be known up front."""
+              int_method=None, *, guidance=None, weight=1.0, temperature=1.0, timesteps=None,
+              shift=None, noise=None, generator=None, captured=False) -> "_Plan":
+        """Validate one call's arguments and resolve everything that must be known up front
+        (``weight``: already checked by the class, read only under ``guidance``)."""
         batch_size = _check_positive_int("batch_size", batch_size, minimum=0)
-        device = torch.device(device)
+        device = _sampling_device(device)
         method = self.int_method if int_method is None else int_method
         if method not in INT_METHODS:
             raise ValueError(f"int_method must be one of {INT_METHODS}; got {method!r}")
@@ -70,11 +99,14 @@ class Sampling:
             grid_values = grid_key = None
             steps = self.num_inference_steps if inference_step is None else inference_step
             steps = _check_positive_int("inference_step", steps)
-        if shift is not None and (isinstance(shift, bool) or not isinstance(shift, numbers.Real)
-                                  or not math.isfinite(shift) or not shift > 0):
-            raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-            raise TypeError(f"temperature must be a real number, got {temperature!r}")
+        if shift is not None:
+            if (isinstance(shift, bool) or not isinstance(shift, numbers.Real)
+                    or not math.isfinite(shift) or not shift > 0):
+                raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+            shift = None if shift == 1 else float(shift)
+            if shift is not None:
+                _check_shifted_grid(steps, shift)
+        temperature = _check_real("temperature", temperature)
         if noise is not None:
             if generator is not None:
                 raise ValueError("give either noise= or generator=, not both (noise draws nothing)")
@@ -82,22 +114,21 @@ class Sampling:
         if generator is not None:
             if not isinstance(generator, torch.Generator):
                 raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-            if generator.device.type != device.type:
+            if not _same_device(generator.device, device):
                 raise ValueError(f"generator is on {generator.device}; expected one on the "
                                  f"sampling device {device}")
         numel = batch_size * math.prod(self.x_dims)
         backend = backends.resolve(self.backend, device, numel, captured)
-        return _Plan(batch_size, device, steps, method, bool(return_all_steps),
-                     backend, guidance, float(weight) if guidance else 1.0, float(temperature),
-                     grid_values, grid_key, None if shift in (None, 1, 1.0) else float(shift),
-                     noise, generator)
+        return _Plan(batch_size, device, tuple(self.x_dims), steps, method,
+                     bool(return_all_steps), backend, guidance, weight if guidance else 1.0,
+                     temperature, grid_values, grid_key, shift, noise, generator)
 
     def _run(self, plan: "_Plan", step_fn, unguided_fn=None):
         """The eager sampling call (also what a CUDA graph captures)."""
         if plan.noise is not None:
             x = plan.noise
         else:
-            x = torch.randn(plan.batch_size, *self.x_dims, device=plan.device,
+            x = torch.randn(plan.batch_size, *plan.x_dims, device=plan.device,
                             generator=plan.generator)
         if plan.temperature != 1.0:  # a separate float32 op, as Alpamayo 1.5; x * 1.0 == x bitwise
             x = x * plan.temperature
@@ -118,11 +149,12 @@ class Sampling:
 
     def _sample(self, fields: tuple, batch_size, device, cuda_graph, **plan_args):
         """``sample``'s body: eager, or through the graph cache keyed on every field's identity
-        (``fields``: the fields the plan calls, guided first) and the plan."""
-        use_graph = self.cuda_graph if cuda_graph is None else cuda_graph
-        on_cuda = torch.device(device).type == "cuda"
-        in_user_graph = (on_cuda and not torch.compiler.is_compiling()
-                         and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+        (``fields``: the fields the plan calls, guided first; each watched for eviction) and
+        the plan."""
+        use_graph = self.cuda_graph if cuda_graph is None else _check_bool("cuda_graph", cuda_graph)
+        device = _sampling_device(device)
+        on_cuda = device.type == "cuda"
+        in_user_graph = on_cuda and not torch.compiler.is_compiling() and _capturing(device)
         # The cache serves CUDA calls outside the caller's own capture, and not noise=/generator=:
         # a cached graph would read a tensor or generator the caller may drop (explicit
         # capture(noise=..., generator=...) keeps them alive instead).
@@ -136,24 +168,18 @@ class Sampling:
             warn_not_cuda(plan.device)
         if not cacheable:
             if graph_wanted:  # noise= or generator= given
-                self._graphs.stats.eager_fallbacks += 1
+                self._graphs.count_eager_fallback()
             return run()
         fkeys, watches = zip(*(field_key(f) for f in fields))
-        key = (*fkeys, plan.key())
-        sampler = self._graphs.lookup(key)
-        if sampler is None:
-            if not self._graphs.has_room():
-                self._graphs.stats.eager_fallbacks += 1
-                return run()
-            sampler = self._graphs.add(key, watches if len(watches) > 1 else watches[0],
-                                       lambda: CapturedSampler(
-                                           run, plan.device, pool=self._graphs.pool(plan.device),
-                                           keep_alive=False, static_inputs=(plan.grid_values,)))
-        return sampler()
+        graph_device = cuda_device(plan.device)
+        pool, order = self._graphs.pool(graph_device)
+        return self._graphs.call((*fkeys, plan.key()), watches, lambda: CapturedSampler(
+            run, graph_device, pool=pool, order=order, keep_alive=False,
+            static_inputs=(plan.grid_values,)), run)
 
     def _capture(self, fields: tuple, batch_size, device, warmup, **plan_args):
         """``capture``'s body: one sampling call captured in a CUDA graph."""
-        device = torch.device(device)
+        device = _sampling_device(device)
         if device.type != "cuda":
             raise RuntimeError(
                 f"FlowMatching.capture needs a CUDA device; got {str(device)!r}. "
@@ -179,12 +205,17 @@ class Sampling:
 
 def _batch_guidance(guidance, guidance_weight, default_weight) -> dict:
     """The R1 class's ``guidance=`` / ``guidance_weight=`` as plan arguments."""
-    if guidance_weight is not None and not guidance:
-        raise ValueError("guidance_weight= needs guidance=True (the doubled-batch field protocol)")
-    if not guidance:  # the original never reads inference_guidance_weight: only guidance does
+    guidance = _check_bool("guidance", guidance)
+    if guidance_weight is not None:
+        weight = _check_real("guidance_weight", guidance_weight)
+        if not guidance:
+            raise ValueError("guidance_weight= needs guidance=True (the doubled-batch field "
+                             "protocol)")
+    elif guidance:  # the original never reads inference_guidance_weight: only guidance does
+        weight = _check_real("inference_guidance_weight", default_weight)
+    else:
         return dict(guidance=None)
-    return dict(guidance="batch",
-                weight=default_weight if guidance_weight is None else guidance_weight)
+    return dict(guidance="batch", weight=weight)
 
 
 class FlowMatching(Sampling, BaseDiffusion):
@@ -194,8 +225,8 @@ class FlowMatching(Sampling, BaseDiffusion):
 
     - ``backend``: ``"auto" | "torch" | "triton" | "cuda"`` (default: the ``FLOWMATCH_FAST_BACKEND``
       environment variable, else ``"auto"``).
-    - ``cuda_graph``: capture each distinct sampling call in a CUDA graph and replay it
-      (default ``False``; ``sample(..., cuda_graph=...)`` overrides it per call).
+    - ``cuda_graph``: capture each distinct sampling call in a CUDA graph (on its second call)
+      and replay it (default ``False``; ``sample(..., cuda_graph=...)`` overrides it per call).
     - ``max_graphs``: bound of that cache (default 8); past it, new signatures run eagerly.
     """
 
@@ -265,6 +296,7 @@ class FlowMatching(Sampling, BaseDiffusion):
         - ``noise``: the initial state ``[B, *x_dims]`` (float32 or float64, on ``device``);
           ``generator``: the ``torch.Generator`` the noise is drawn from.
         """
+        warn_unknown_keywords("FlowMatching.sample", kwargs)
         return self._sample(
             (step_fn,), batch_size, device, cuda_graph, return_all_steps=return_all_steps,
             inference_step=inference_step, int_method=int_method, timesteps=timesteps,
@@ -335,6 +367,7 @@ class _Plan(NamedTuple):
 
     batch_size: int
     device: torch.device
+    x_dims: tuple
     steps: int
     method: str
     return_all_steps: bool
@@ -343,19 +376,25 @@ class _Plan(NamedTuple):
     weight: float
     temperature: float
     grid_values: Optional[torch.Tensor]
-    grid_key: Optional[tuple]  # the explicit grid's values, read on the host at validation
+    grid_key: Optional[bytes]  # the explicit grid's float32 bits, read on the host at validation
     shift: Optional[float]
     noise: Optional[torch.Tensor]
     generator: Optional[torch.Generator]
 
     def key(self):
-        """The cache key: exactly what a captured graph bakes in (noise/generator excluded)."""
+        """The cache key: what a captured graph bakes in (noise/generator excluded).
+
+        Floats enter as their bits (a NaN weight matches itself, -0.0 is not 0.0); the default
+        dtype (of the noise and the grid) and the autocast state (of the field) are read now."""
         device = self.device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        return (device, self.batch_size, self.steps, self.method, self.return_all_steps,
-                self.backend.__name__, self.guidance, self.weight, self.temperature,
-                self.grid_key, self.shift)
+        autocast = torch.is_autocast_enabled(device.type)
+        return (device, self.x_dims, self.batch_size, self.steps, self.method,
+                self.return_all_steps, self.backend.__name__, self.guidance,
+                struct.pack("<dd", self.weight, self.temperature), self.grid_key, self.shift,
+                torch.get_default_dtype(),
+                (autocast, torch.get_autocast_dtype(device.type)) if autocast else False)
 
 
 def shifted_grid(values: torch.Tensor, shift: float) -> torch.Tensor:
@@ -371,10 +410,36 @@ def shifted_grid(values: torch.Tensor, shift: float) -> torch.Tensor:
     return out
 
 
+@backends.trace_time_constant  # run on the host when torch.compile traces sample, not traced
+def _check_shifted_grid(steps: int, shift: float) -> bool:
+    """Reject a shift whose grid has zero-length steps in float32: e.g. 1e-30 puts every point
+    at 1, 1e30 every point at 0. Checked on the host with the formula the device runs on its
+    own ``linspace``."""
+    return _check_shifted_grid_cached(steps, shift)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_shifted_grid_cached(steps: int, shift: float) -> bool:
+    grid = shifted_grid(torch.linspace(0.0, 1.0, steps + 1), shift)
+    if not bool((grid[1:] > grid[:-1]).all()):
+        raise ValueError(f"shift={shift!r} gives {steps} steps a time grid that is not strictly "
+                         f"increasing in float32 ({grid.tolist()[:4]} ...): zero-length steps; "
+                         "use a shift closer to 1 or fewer steps")
+    return True
+
+
+def _capturing(device: torch.device) -> bool:
+    """True while ``device``'s current stream is being captured (the caller's own graph)."""
+    if not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def _check_timesteps(timesteps, device: torch.device):
     """Validate an explicit grid on the host; return it as float32 on ``device``, and its values."""
     if isinstance(timesteps, torch.Tensor):
-        if timesteps.device.type != "cpu" and timesteps.device != device:
+        if timesteps.device.type != "cpu" and not _same_device(timesteps.device, device):
             raise ValueError(f"timesteps is on {timesteps.device}; expected the sampling device "
                              f"{device} or the CPU")
         if not timesteps.is_floating_point():
@@ -396,7 +461,7 @@ def _check_timesteps(timesteps, device: torch.device):
         bad = int((~(steps > 0)).nonzero()[0])  # NaN compares false: caught here too
         raise ValueError(f"timesteps must be strictly increasing (in float32); entry {bad + 1} "
                          f"({host[bad + 1].item()}) does not exceed entry {bad} ({host[bad].item()})")
-    return host.to(device), tuple(host.tolist())
+    return host.to(device), struct.pack(f"<{host.numel()}f", *host.tolist())
 
 
 def _check_noise(noise, shape, device: torch.device) -> None:
@@ -407,8 +472,7 @@ def _check_noise(noise, shape, device: torch.device) -> None:
                          f"{tuple(noise.shape)}")
     if noise.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"noise must be float32 or float64, got {noise.dtype}")
-    if noise.device != device and not (device.type == noise.device.type == "cuda"
-                                       and device.index is None):
+    if not _same_device(noise.device, device):
         raise ValueError(f"noise is on {noise.device}; expected the sampling device {device}")
     if not noise.is_contiguous():
         raise ValueError("noise must be contiguous (it is handed to step_fn as the first state)")

@@ -12,7 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from .kernels import reference
-from .kernels.reference import TimeGrid, kernel_supports, result_dtype, stage_dtype
+from .kernels.reference import (TimeGrid, kernel_readable, kernel_supports, result_dtype,
+                                stage_dtype)
 
 
 def check_field(v, x: torch.Tensor) -> torch.Tensor:
@@ -97,8 +98,10 @@ def euler_loop(x, grid: TimeGrid, step_fn, backend, trajectory: Optional[Traject
         if type(v) is not torch.Tensor or v.shape != x.shape or v.device != x.device:
             check_field(v, x)
         slot = None if trajectory is None else trajectory.slot(i + 1, result_dtype(x.dtype, v))
-        update = fused if has_kernel and kernel_supports(x, v) else plain
-        x = update(x, v, grid, i, None, slot)
+        if has_kernel and kernel_supports(x, v):
+            x = fused(x, kernel_readable(v), grid, i, None, slot)
+        else:
+            x = plain(x, v, grid, i, None, slot)
     return x
 
 
@@ -134,7 +137,8 @@ def fused_ok(backend, x, k, acc=None, k_uncond=None, mix=False) -> bool:
     (``FUSES_MIX_GUIDANCE``; the CUDA extension does not yet) and only for two fields of one
     dtype (mixed dtypes round each product in its own dtype: the reference computes those).
     """
-    if mix and not (getattr(backend, "FUSES_MIX_GUIDANCE", False) and k_uncond.dtype == k.dtype):
+    if mix and not (getattr(backend, "FUSES_MIX_GUIDANCE", False) and k_uncond.dtype == k.dtype
+                    and k_uncond.layout == torch.strided):
         return False
     return kernel_supports(x, k) and (acc is None or acc.dtype in (torch.float32, torch.float64))
 
@@ -184,6 +188,9 @@ def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
             out = torch.empty((2 * rows, *x.shape[1:]), dtype=dtype, device=x.device) if guided else None
             slot = trajectory.slot(i + 1, dtype) if trajectory is not None and j == last else None
             mix_kw = {"mix": True} if vu is not None and mix else {}  # only fusing backends take it
+            if fused:
+                v = kernel_readable(v)
+                vu = None if vu is None else kernel_readable(vu)
             if method == "euler":
                 step = backend.euler_step if fused else reference.euler_step
                 xs = step(x, v, grid, i, out, slot, vu, weight, **mix_kw)

@@ -1,74 +1,15 @@
-"""CUDA-graph capture: the cache's bookkeeping (CPU) and the captured samplers (GPU)."""
+"""CUDA-graph capture: options on CPU, the captured samplers (GPU). The cache's bookkeeping:
+tests/test_graph_cache.py."""
 
-import gc
 import warnings
 
 import pytest
 import torch
 
 from flowmatch_fast import FlowMatching
-from flowmatch_fast.graph import GraphCache, field_key
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA device")
-
-
-# ----------------------------------------------------------------------------- CPU: bookkeeping
-class _FakeSampler:
-    pass
-
-
-def test_cache_bound_stats_and_eviction_on_collection():
-    cache = GraphCache(max_graphs=2)
-
-    def f1(*, x, t):
-        return x
-
-    def f2(*, x, t):
-        return x
-
-    k1, w1 = field_key(f1)
-    k2, w2 = field_key(f2)
-    s1 = cache.add((k1, 6), w1, _FakeSampler)
-    assert cache.lookup((k1, 6)) is s1 and cache.lookup((k1, 7)) is None
-    cache.add((k2, 6), w2, _FakeSampler)
-    assert len(cache) == 2 and not cache.has_room()
-    assert cache.stats.captures == 2 and cache.stats.replays == 1
-    del f2, w2
-    gc.collect()
-    assert len(cache) == 1 and cache.stats.evictions == 1 and cache.has_room()
-    assert cache.keys() == [(k1, 6)]
-    cache.clear()
-    assert len(cache) == 0 and cache.stats.evictions == 2
-
-
-def test_failed_capture_leaves_nothing_behind():
-    cache = GraphCache(max_graphs=2)
-
-    class Boom(Exception):
-        pass
-
-    def build():
-        raise Boom("inside step_fn")
-
-    with pytest.raises(Boom):
-        cache.add(("k",), field_key(print)[1], build)
-    assert len(cache) == 0 and cache.stats.failed_captures == 1 and cache.stats.captures == 0
-
-
-def test_bound_methods_share_one_key():
-    class Model:
-        def step(self, *, x, t):
-            return x
-
-    m = Model()
-    assert field_key(m.step)[0] == field_key(m.step)[0]
-    assert field_key(m.step)[0] != field_key(Model().step)[0]
-
-
-def test_bad_max_graphs():
-    with pytest.raises(ValueError, match="max_graphs"):
-        FlowMatching(x_dims=2, max_graphs=-1)
 
 
 def test_graph_options_on_cpu():
@@ -168,14 +109,14 @@ def test_conditioning_updated_in_place_between_replays():
 def test_automatic_cache_bound_and_stats():
     fm = FlowMatching(x_dims=(64, 2), cuda_graph=True, max_graphs=2)
     field = _mlp_field((64, 2), "cuda")
-    for batch in (6, 6, 6, 3, 3, 9, 9):
+    for batch in (6, 6, 6, 6, 3, 3, 9, 9):  # a signature is captured on its second call
         torch.manual_seed(batch)
         got = fm.sample(batch, field, device="cuda")
         torch.manual_seed(batch)
         want = fm.sample(batch, field, device="cuda", cuda_graph=False)
         assert torch.equal(got, want)
     stats = fm.graph_stats
-    assert (stats.captures, stats.replays, stats.eager_fallbacks) == (2, 3, 2)
+    assert (stats.first_calls, stats.captures, stats.replays, stats.eager_fallbacks) == (2, 2, 2, 2)
     assert len(fm.graph_cache) == 2
     fm.clear_cuda_graphs()
     assert len(fm.graph_cache) == 0
@@ -196,6 +137,7 @@ def test_exception_during_capture_propagates_and_next_call_works():
         return torch.sin(x)
 
     fm = FlowMatching(x_dims=(64, 2), cuda_graph=True)
+    fm.sample(6, flaky, device="cuda")  # first call: eager
     with pytest.raises(FieldError, match="during capture"):
         fm.sample(6, flaky, device="cuda")
     assert len(fm.graph_cache) == 0 and fm.graph_stats.failed_captures == 1

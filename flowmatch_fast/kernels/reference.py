@@ -82,8 +82,18 @@ def result_dtype(x_dtype: torch.dtype, v: torch.Tensor) -> torch.dtype:
 
 
 def kernel_supports(x: torch.Tensor, v: torch.Tensor) -> bool:
-    """True when a fused kernel covers this (state, field) pair; else the reference op runs."""
-    return x.dtype in _KERNEL_STATE_DTYPES and v.dtype in _KERNEL_FIELD_DTYPES and v.dim() > 0
+    """True when a fused kernel covers this (state, field) pair, given the field as
+    :func:`kernel_readable` makes it; else the reference op runs (e.g. a sparse field)."""
+    return (x.dtype in _KERNEL_STATE_DTYPES and v.dtype in _KERNEL_FIELD_DTYPES and v.dim() > 0
+            and v.layout == torch.strided)
+
+
+def kernel_readable(v: torch.Tensor) -> torch.Tensor:
+    """The field as raw strided memory, as the kernels read it: a view with PyTorch's lazy
+    negation or conjugation bit (``torch.complex(0 * v, v).conj().imag`` is ``-v`` stored as
+    ``v``) is materialised (a copy, for such views only); any other tensor is returned as is.
+    Resolved rather than tested, since torch.compile cannot trace ``is_neg()``."""
+    return v.resolve_neg().resolve_conj()
 
 
 def guided_velocity(v: torch.Tensor, v_uncond: torch.Tensor, weight: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ Triton is imported lazily: importing this module never needs Triton or a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import struct
@@ -93,15 +94,30 @@ def field_layout(v: torch.Tensor):
 _INT32_LIMIT = 2**31
 
 
-def offsets_fit_int32(out: torch.Tensor, traj: Optional[torch.Tensor]) -> bool:
-    """The kernels index the state, ``out`` and the trajectory with 32-bit offsets (cheaper
-    address math); past 2**31 elements (8.6 GB of float32) the reference op runs instead."""
-    if out.numel() >= _INT32_LIMIT:
-        return False
-    if traj is not None and traj.numel():
-        last = (traj.shape[0] - 1) * traj.stride(0) + traj[0].numel()
-        return last < _INT32_LIMIT
-    return True
+def extent(t: Optional[torch.Tensor]) -> int:
+    """Elements from a view's first to one past its last (its offsets are all below this)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+
+
+def offsets_fit_int32(*tensors: Optional[torch.Tensor]) -> bool:
+    """The one offset rule of every kernel: all offsets are 32-bit (cheaper address math, and
+    64-bit division in the strided field's index math costs several times more), so every tensor
+    a launch reads or writes - state, output, trajectory slot, field, accumulator - must span
+    fewer than 2**31 elements; past that (8.6 GB of float32) the reference op runs instead."""
+    return all(extent(t) < _INT32_LIMIT for t in tensors)
+
+
+def launch_guard(device: torch.device):
+    """Triton launches on the current device's current stream: enter the tensors' device first."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch(kernel, x, config) -> None:
+    grid, args, meta = config
+    with launch_guard(x.device):
+        kernel[grid](*args, **meta)
 
 
 def double_bits(value: float) -> int:
@@ -150,7 +166,7 @@ def euler_step(
 ) -> torch.Tensor:
     if out is None:
         out = torch.empty(x.shape, dtype=result_dtype(x.dtype, v), device=x.device)
-    if not offsets_fit_int32(out, traj):
+    if not offsets_fit_int32(x, out, traj, v, v_uncond):
         return reference.euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight, mix)
     if v.shape != x.shape:
         v = v.expand(x.shape)
@@ -160,9 +176,8 @@ def euler_step(
         torch.ops.flowmatch_fast.triton_euler_step(
             x, v, v_uncond, grid.values, i, out, traj, float(guidance_weight), bool(mix))
     elif x.numel():
-        grid_, args, meta = _launch_config(x, v, grid.values, i, out, traj, v_uncond,
-                                           guidance_weight, mix)
-        _kernels()[0][grid_](*args, **meta)
+        _launch(_kernels()[0], x, _launch_config(x, v, grid.values, i, out, traj, v_uncond,
+                                                 guidance_weight, mix))
     return out
 
 
@@ -203,7 +218,7 @@ def stage_step(
     c = stage_dtype(x.dtype, k, acc)
     if out is None:
         out = torch.empty(x.shape, dtype=c, device=x.device)
-    if not offsets_fit_int32(out, traj):
+    if not offsets_fit_int32(x, out, traj, k, k_uncond, acc):
         return reference.stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc,
                                     out, traj, k_uncond, guidance_weight, mix)
     acc_out = torch.empty(x.shape, dtype=c, device=x.device) if write_acc else None
@@ -218,10 +233,9 @@ def stage_step(
             x, k, k_uncond, acc, grid.values, i, float(coef), float(acc_weight), bool(from_acc),
             out, acc_out, traj, float(guidance_weight), bool(mix))
     elif x.numel():
-        grid_, args, meta = _stage_config(x, k, grid.values, i, coef, acc, acc_weight, write_acc,
-                                          from_acc, out, acc_out, traj, k_uncond, guidance_weight,
-                                          mix)
-        _kernels()[1][grid_](*args, **meta)
+        _launch(_kernels()[1], x, _stage_config(x, k, grid.values, i, coef, acc, acc_weight,
+                                                write_acc, from_acc, out, acc_out, traj, k_uncond,
+                                                guidance_weight, mix))
     return out, acc_out
 
 
@@ -231,9 +245,8 @@ def _triton_euler_step_op(
     guidance_weight: float, mix: bool,
 ) -> None:
     if x.numel():
-        grid, args, meta = _launch_config(x, v, grid_values, step, out, traj, v_uncond,
-                                          guidance_weight, mix)
-        _kernels()[0][grid](*args, **meta)
+        _launch(_kernels()[0], x, _launch_config(x, v, grid_values, step, out, traj, v_uncond,
+                                                 guidance_weight, mix))
 
 
 def _triton_stage_step_op(
@@ -243,10 +256,9 @@ def _triton_stage_step_op(
     traj: Optional[torch.Tensor], guidance_weight: float, mix: bool,
 ) -> None:
     if x.numel():
-        grid, args, meta = _stage_config(x, k, grid_values, step, coef, acc, acc_weight,
-                                         acc_out is not None, from_acc, out, acc_out, traj,
-                                         k_uncond, guidance_weight, mix)
-        _kernels()[1][grid](*args, **meta)
+        _launch(_kernels()[1], x, _stage_config(x, k, grid_values, step, coef, acc, acc_weight,
+                                                acc_out is not None, from_acc, out, acc_out, traj,
+                                                k_uncond, guidance_weight, mix))
 
 
 def _register_ops() -> None:

@@ -1,0 +1,104 @@
+"""Fields the fused kernels cannot read as raw strided memory take the reference op and match
+the original: lazily negated views, sparse tensors, views spanning 2**31 elements or more."""
+
+import pytest
+import torch
+
+from flowmatch_fast import FlowMatching
+from flowmatch_fast.kernels import reference, triton_euler
+from flowmatch_fast.kernels.reference import TimeGrid, kernel_readable, kernel_supports
+from oracle import spec_sample
+
+
+def negated_view(*, x, t):
+    v = torch.sin(x) + t
+    return torch.complex(0 * v, v).conj().imag  # -v, stored as v with the negative bit set
+
+
+def sparse_field(*, x, t):
+    return (torch.sin(x) * t).to_sparse()
+
+
+def test_kernels_get_negated_views_resolved_and_no_sparse_fields():
+    v = torch.randn(2, 3)
+    x = torch.zeros(2, 3)
+    neg = torch.complex(0 * v, v).conj().imag
+    assert neg.is_neg() and torch.equal(neg, -v)
+    readable = kernel_readable(neg)
+    assert not readable.is_neg() and torch.equal(readable, -v)
+    assert kernel_readable(v) is v  # no copy for an ordinary field
+    assert kernel_supports(x, v) and not kernel_supports(x, v.to_sparse())
+
+
+def _check_euler_matches_the_original(field, device, return_all_steps):
+    fm = FlowMatching(x_dims=(5, 3), num_inference_steps=4)
+    torch.manual_seed(0)
+    got = fm.sample(4, field, device=device, return_all_steps=return_all_steps)
+    torch.manual_seed(0)
+    want = spec_sample((5, 3), 4, field, device=device, steps=4, return_all_steps=return_all_steps)
+    for g, w in zip(got, want) if return_all_steps else [(got, want)]:
+        assert g.layout == torch.strided and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("return_all_steps", [False, True])
+def test_negated_views_match_the_original(device, return_all_steps):
+    _check_euler_matches_the_original(negated_view, device, return_all_steps)
+
+
+@pytest.mark.parametrize("return_all_steps", [False, True])
+def test_sparse_fields_match_the_original(return_all_steps):
+    # CPU only: PyTorch's own CUDA sparse ops are not the subject here, the layout check is
+    _check_euler_matches_the_original(sparse_field, "cpu", return_all_steps)
+
+
+@pytest.mark.parametrize("method", ["midpoint", "rk4"])
+def test_negated_views_in_stages_and_guidance_match_plain_torch(device, method):
+    opts = dict(device=device, int_method=method, guidance=True, guidance_weight=2.5)
+
+    def plain_field(*, x, t):
+        return -(torch.sin(x) + t)
+
+    torch.manual_seed(1)
+    got = FlowMatching(x_dims=(5, 3), num_inference_steps=3).sample(4, negated_view, **opts)
+    torch.manual_seed(1)
+    want = FlowMatching(x_dims=(5, 3), num_inference_steps=3, backend="torch").sample(
+        4, plain_field, **opts)
+    assert torch.equal(got, want)
+
+
+def test_guided_weight_one_with_a_zero_dim_float64_field(device):
+    fm = FlowMatching(x_dims=(3, 2), num_inference_steps=3)
+    field = lambda *, x, t: torch.tensor(0.75, dtype=torch.float64, device=x.device)  # noqa: E731
+    torch.manual_seed(2)
+    plain = fm.sample(4, field, device=device)
+    torch.manual_seed(2)
+    guided = fm.sample(4, field, device=device, guidance=True, guidance_weight=1.0)
+    assert plain.dtype == guided.dtype == torch.float32 and torch.equal(plain, guided)
+
+
+def test_offset_rule_counts_a_field_view_by_its_extent():
+    out = torch.empty(2, 8, device="meta")
+    wide = torch.empty_strided((2, 8), (2**31 // 2, 1), device="meta")  # 16 elements, 2**31 apart
+    assert triton_euler.extent(wide) == 2**30 + 8 and triton_euler.offsets_fit_int32(out, None, wide)
+    wider = torch.empty_strided((2, 8), (2**31, 1), device="meta")
+    assert not triton_euler.offsets_fit_int32(out, None, wider)
+    assert not triton_euler.offsets_fit_int32(out, None, None, wider)  # e.g. an accumulator
+    traj = torch.empty_strided((2, 8), (2**31, 1), device="meta")
+    assert not triton_euler.offsets_fit_int32(out, traj)
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("a field past the 32-bit offset limit was handed to the kernel")
+
+
+def test_fields_past_the_offset_limit_take_the_reference(monkeypatch):
+    monkeypatch.setattr(triton_euler, "_INT32_LIMIT", 1000)  # stands for 2**31
+    monkeypatch.setattr(triton_euler, "_kernels", lambda: (_NoLaunch(), _NoLaunch()))
+    x = torch.randn(2, 8)
+    v = torch.randn(2, 800)[:, ::100]  # 16 elements spanning 1501
+    grid = TimeGrid(torch.linspace(0, 1, 3), 2, x.dim())
+    assert torch.equal(triton_euler.euler_step(x, v, grid, 1), reference.euler_step(x, v, grid, 1))
+    got = triton_euler.stage_step(x, v, grid, 1, 0.5, write_acc=True)
+    want = reference.stage_step(x, v, grid, 1, 0.5, write_acc=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
