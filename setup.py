@@ -1,9 +1,9 @@
 """Build script: the pure-Python package always; the CUDA extension when nvcc is found.
 
 The extension ``flowmatch_fast._cuda_euler`` (csrc/euler_kernel.cu, csrc/stage_kernel.cu, their
-shared csrc/common.cuh, and csrc/binding.cpp) is built with nvcc through ninja (plain nvcc calls when ninja is missing). It links only the static CUDA
-runtime, never torch, so one build serves every torch version. Package metadata and the package
-list live in pyproject.toml.
+shared headers, and csrc/binding.cpp) is built with nvcc through ninja, both build requirements
+(the ``ninja`` package's binary). It links only the static CUDA runtime, never torch, so one
+build serves every torch version. Package metadata and the package list live in pyproject.toml.
 
 Environment:
 
@@ -34,16 +34,13 @@ import sysconfig
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-try:
-    from packaging.version import Version
-except ImportError:  # pragma: no cover - packaging is a build requirement; setuptools vendors it
-    from setuptools._vendor.packaging.version import Version
+from packaging.version import Version
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "flowmatch_fast._cuda_euler"
 # The two kernel files compile in parallel (ninja runs them side by side).
 KERNEL_SOURCES = (os.path.join("csrc", "euler_kernel.cu"), os.path.join("csrc", "stage_kernel.cu"))
-KERNEL_HEADER = os.path.join("csrc", "common.cuh")
+HEADERS = tuple(os.path.join("csrc", h) for h in ("api.h", "common.cuh", "launch.cuh"))
 BINDING_SOURCE = os.path.join("csrc", "binding.cpp")
 SKIP_ENV = "FLOWMATCH_FAST_SKIP_CUDA_BUILD"
 ARCHS_ENV = "FLOWMATCH_FAST_CUDA_ARCHS"
@@ -155,19 +152,6 @@ def _command(args) -> str:
     return " ".join(shlex.quote(a) for a in args).replace("$", "$$")
 
 
-def _find_ninja():
-    path = shutil.which("ninja")
-    if path:
-        return path
-    try:
-        import ninja  # the PyPI package ships the binary
-
-        path = os.path.join(ninja.BIN_DIR, "ninja")
-        return path if os.path.isfile(path) else None
-    except ImportError:
-        return None
-
-
 class CudaExtension(Extension):
     """Marker: built by NvccBuildExt.build_extension, not by distutils' compiler."""
 
@@ -210,7 +194,12 @@ class NvccBuildExt(build_ext):
         platinclude = sysconfig.get_paths().get("platinclude")
         if platinclude and platinclude != sysconfig.get_paths()["include"]:
             includes.append(f"-I{platinclude}")
-        common = ["-std=c++17", "-Xcompiler=-fPIC", "-Xcompiler=-fvisibility=hidden", arch_macro]
+        common = [
+            "-std=c++17", "-Xcompiler=-fPIC", "-Xcompiler=-fvisibility=hidden", arch_macro,
+            # The host emulation runs the kernels' code on the CPU: no contraction into FMA there
+            # either (GCC contracts by default wherever the target has FMA, e.g. AArch64).
+            "-Xcompiler=-ffp-contract=off",
+        ]
         kernel_flags = [
             *common, "-O3",
             # No FMA contraction anywhere (the kernels' intrinsics already forbid it there), and
@@ -240,25 +229,20 @@ class NvccBuildExt(build_ext):
         ]
         print(f"flowmatch_fast: building {EXT_NAME} with {nvcc} (CUDA {version}) for "
               f"{' '.join(targets)}", file=sys.stderr)
-        ninja = _find_ninja()
-        if ninja:
-            self._run_ninja(ninja, build_dir, jobs, compiles, link, output)
-        else:
-            self._run_direct(compiles, link)
+        self._run_ninja(build_dir, jobs, compiles, link, output)
 
     @staticmethod
-    def _run_ninja(ninja, build_dir, jobs, compiles, link, output):
+    def _run_ninja(build_dir, jobs, compiles, link, output):
         e = _ninja_escape_path
-        header = os.path.join(ROOT, KERNEL_HEADER)
+        headers = " ".join(e(os.path.join(ROOT, h)) for h in HEADERS)
         lines = ["ninja_required_version = 1.3"]
         for n, (cmd, src, obj) in enumerate(compiles):
             lines += [
                 f"rule compile_{n}",
                 f"  command = {_command(cmd)}",
                 f"  description = nvcc {os.path.basename(src)}",
-                # The kernels include common.cuh: an implicit input, so that editing it rebuilds.
-                f"build {e(obj)}: compile_{n} {e(src)}"
-                + (f" | {e(header)}" if src.endswith(".cu") else ""),
+                # The headers are implicit inputs, so that editing one rebuilds.
+                f"build {e(obj)}: compile_{n} {e(src)} | {headers}",
             ]
         lines += [
             "rule link",
@@ -270,16 +254,10 @@ class NvccBuildExt(build_ext):
         ]
         with open(os.path.join(build_dir, "build.ninja"), "w") as f:
             f.write("\n".join(lines))
-        subprocess.run([ninja, "-C", build_dir, "-j", str(jobs)], check=True)
+        import ninja  # a build requirement (pyproject.toml); imported here, where it is needed
 
-    @staticmethod
-    def _run_direct(compiles, link):
-        procs = [(cmd, subprocess.Popen(cmd)) for cmd, _, _ in compiles]
-        codes = [(cmd, p.wait()) for cmd, p in procs]
-        for cmd, code in codes:
-            if code != 0:
-                raise subprocess.CalledProcessError(code, cmd)
-        subprocess.run(link, check=True)
+        ninja_bin = os.path.join(ninja.BIN_DIR, "ninja")
+        subprocess.run([ninja_bin, "-C", build_dir, "-j", str(jobs)], check=True)
 
 
 SKIP_REASON = skip_reason()
@@ -291,6 +269,6 @@ if SKIP_REASON is not None and BUILD_COMMANDS.intersection(sys.argv[1:]):
 setup(
     ext_modules=[] if SKIP_REASON else [
         # depends: the shared header goes into an sdist and marks the sources it feeds.
-        CudaExtension(EXT_NAME, sources=[*KERNEL_SOURCES, BINDING_SOURCE], depends=[KERNEL_HEADER])],
+        CudaExtension(EXT_NAME, sources=[*KERNEL_SOURCES, BINDING_SOURCE], depends=list(HEADERS))],
     cmdclass={"build_ext": NvccBuildExt},
 )

@@ -1,7 +1,8 @@
 """``pytest bench/``: every workload, the original loop beside ours on each available backend.
 
-On CPU: W4 (the loop's own overhead), W1 and W3 with the torch backend. On a GPU: W1-W3 for every
-backend, eager and captured. ``bench/gpu_bench.py`` is the full GPU measurement (CUDA events,
+On CPU: W4 (the loop's own overhead), W1, W3 and W5's small expert with the torch backend. On a
+GPU: W1-W3 for every backend, eager and captured, and W5's 2B-class expert (eager, per-forward
+graphs, captured). ``bench/gpu_bench.py`` is the full GPU measurement (CUDA events,
 bandwidth ceilings, torch.compile) that writes ``bench/results/``. The terminal summary prints
 each variant's median and its ratio to the original loop.
 """
@@ -37,6 +38,33 @@ def test_w1_launch_bound(run_benchmark, device, batch, variant):
     field = W.TinyExpert().to(device)
     _run(run_benchmark, f"W1-{device.type}-b{batch}", variant, W.ALPAMAYO_DIMS, batch, field,
          device, 10)
+
+
+@pytest.mark.parametrize("variant", W.W5_VARIANTS)
+@pytest.mark.parametrize("batch", W.W5_BATCHES)
+def test_w5_transformer_expert(run_benchmark, device, batch, variant):
+    """W5: the 2B-class expert over a 2,048-token prompt on a GPU; its small config on CPU."""
+    config = "2b" if device.type == "cuda" else "small"
+    field = W.w5_expert(config, batch, device)
+    _run(run_benchmark, f"W5-{config}-{device.type}-b{batch}", variant, W.ALPAMAYO_DIMS, batch,
+         field, device, 10, rounds=10)
+
+
+def test_w5_ours_is_bitwise_the_original_and_reads_the_prompt_in_place():
+    """The small W5 expert on CPU: ours equals the original loop; a new scene's prompt KV, copied
+    into the static buffers, changes the result (the field reads them by reference)."""
+    field = W.w5_expert("small", 3, "cpu")
+    fm = W.FlowMatching(x_dims=W.ALPAMAYO_DIMS)
+    torch.manual_seed(7)
+    want = W.original_sample(list(W.ALPAMAYO_DIMS), 3, field, "cpu", 10)
+    torch.manual_seed(7)
+    got = fm.sample(3, field)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    field.set_prefix(*field.random_prefix(seed=99))
+    torch.manual_seed(7)
+    assert not torch.equal(fm.sample(3, field), want)
+    with pytest.raises(ValueError, match=r"keys must be \[layers"):
+        field.set_prefix(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))
 
 
 @variants

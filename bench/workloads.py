@@ -5,6 +5,8 @@ W1 launch-bound: Alpamayo's shape ``x_dims=(64, 2)``, batch 1/6/48, 10 steps, a 
 W2 bandwidth-bound: a float32 state of 50 MB (1024 x [3, 64, 64]), 20 steps, a stored field.
 W3 trajectories: ``return_all_steps=True``, 100 steps, against the original's list-and-stack.
 W4 CPU overhead: batch 6, ``(64, 2)``, 50 steps, a stored field, on CPU.
+W5 Alpamayo's field: a Qwen-style transformer expert over a 2,048-token prompt KV cache held in
+   static buffers (``bench/expert.py``), batch 1/6, 10 steps; a small config on CPU.
 
 The baseline everywhere is the original loop, kept verbatim in ``flowmatch_fast._original``.
 """
@@ -14,10 +16,13 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from expert import CONFIGS as W5_CONFIGS
+from expert import ActionExpert
 from flowmatch_fast import FlowMatching
 from flowmatch_fast._original import original_sample
 
@@ -26,6 +31,7 @@ W1_BATCHES = (1, 6, 48)
 W2_BATCH, W2_DIMS, W2_STEPS = 1024, (3, 64, 64), 20  # 12.6 M float32 = 50.3 MB
 W3_STEPS = 100
 W4_BATCH, W4_STEPS = 6, 50
+W5_BATCHES = (1, 6)
 
 
 class TinyExpert(nn.Module):
@@ -71,34 +77,79 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def host_time(fn, device="cpu", warmup=5, reps=50):
-    """Median wall-clock seconds of ``fn()`` (synchronised on CUDA), with the spread."""
-    for _ in range(warmup):
-        fn()
+class Timing(NamedTuple):
+    """Seconds per call: the median and the 10th / 90th percentiles (the spread beside it)."""
+
+    median: float
+    p10: float
+    p90: float
+
+
+def _timing(times):
+    if len(times) < 2:
+        return Timing(times[0], times[0], times[0])
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return Timing(statistics.median(times), q[0], q[-1])
+
+
+def time_interleaved(fns, device, reps=100, rounds=5, warmup=3):
+    """``{name: Timing}`` of each zero-argument callable, the variants interleaved.
+
+    Every variant is warmed up, then ``rounds`` rounds each time ``reps // rounds`` calls of every
+    variant in turn (the order rotating per round), so a clock or thermal drift during the run
+    spreads over all variants instead of favouring the last ones. Each call is timed alone: CUDA
+    events on a GPU, the host clock (after a synchronisation) elsewhere.
+    """
+    on_cuda = torch.device(device).type == "cuda"
+    names = list(fns)
+    rounds = min(rounds, reps)
+    for name in names:
+        for _ in range(min(warmup, max(1, reps // 3))):
+            fns[name]()
     synchronize(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times)
+    per_round = max(1, reps // rounds)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
+            if on_cuda:
+                events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                          for _ in range(per_round)]
+                for start, end in events:
+                    start.record()
+                    fn()
+                    end.record()
+                torch.cuda.synchronize()
+                times[name] += [s.elapsed_time(e) / 1e3 for s, e in events]
+            else:
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+    return {name: _timing(ts) for name, ts in times.items()}
 
 
 def cuda_time(fn, warmup=10, reps=100):
-    """Median seconds of ``fn()`` between CUDA events (warm-up excluded), and the minimum."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
-    return statistics.median(times), min(times)
+    """(median, 10th percentile) seconds of one callable on the GPU (kept for sections that time a
+    single variant; :func:`time_interleaved` is the one to use for side-by-side variants)."""
+    tm = time_interleaved({"fn": fn}, "cuda", reps, rounds=1, warmup=warmup)["fn"]
+    return tm.median, tm.p10
+
+
+def warm_up_device(device, seconds=2.0):
+    """Busy the GPU for ``seconds`` (bf16 matmuls) so the first timed workload meets raised clocks.
+
+    The first run's eager original at batch 1 (3,761 us) came out slower than at batch 6 (2,180
+    us): a cold GPU. On CPU: nothing.
+    """
+    if torch.device(device).type != "cuda":
+        return
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize(device)
 
 
 VARIANTS = ("original", "ours-torch", "ours-triton", "ours-cuda",
@@ -110,12 +161,18 @@ def make_variant(name, x_dims, batch, field, device, steps, return_all_steps=Fal
 
     ``original``: the verbatim original loop. ``ours-<backend>``: eager ``FlowMatching.sample``.
     ``graph-<backend>``: replay of an explicit ``FlowMatching.capture`` of the same call.
+    ``per-forward-graphs``: the original loop with each field call replayed from its own graph.
     """
     from flowmatch_fast import backends as be
 
     device = torch.device(device)
     if name == "original":
         return lambda: original_sample(list(x_dims), batch, field, device, steps, return_all_steps)
+    if name == "per-forward-graphs":
+        if device.type != "cuda":
+            return "CUDA graphs need a CUDA device"
+        step = PerForwardGraph(field, (batch, *x_dims), device)
+        return lambda: original_sample(list(x_dims), batch, step, device, steps, return_all_steps)
     kind, backend = name.split("-")
     reason = be.unavailable_reason(backend, device)
     if reason is not None:
@@ -139,19 +196,24 @@ def sampler_variants(x_dims, batch, field, device, steps, return_all_steps=False
     return out
 
 
-def graph_of(fn, times):
-    """``times`` calls of ``fn`` captured in one CUDA graph (after a side-stream warm-up); returns
-    the replay function."""
+def _capture(fn, warmup=2):
+    """``fn()`` captured in a CUDA graph after ``warmup`` calls on a side stream: (graph, output)."""
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        for _ in range(times):
-            fn()
+    with torch.no_grad():
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            out = fn()
+    return graph, out
+
+
+def graph_of(fn, times):
+    """``times`` calls of ``fn`` captured in one CUDA graph; returns the replay function."""
+    graph, _ = _capture(lambda: [fn() for _ in range(times)])
     return graph.replay
 
 
@@ -159,34 +221,92 @@ def field_floor(field, batch, x_dims, device, steps):
     """The field's own kernels, ``steps`` calls captured alone in one graph (no noise, no update)."""
     x = torch.randn(batch, *x_dims, device=device)
     ts = [torch.full((batch,) + (1,) * len(x_dims), i / steps, device=device) for i in range(steps)]
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad():
-        with torch.cuda.stream(side):
-            for t in ts[:2]:
-                field(x=x, t=t)
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph):
-            for t in ts:
-                field(x=x, t=t)
+    graph, _ = _capture(lambda: [field(x=x, t=t) for t in ts])
     return graph.replay
 
 
-def compiled_original(x_dims, batch, field, device, steps, return_all_steps=False):
+class PerForwardGraph:
+    """The field's forward captured once in its own graph, replayed for every call (static input
+    buffers, copied into), with the loop and its updates eager: the approach of alpamayo1.5 PR
+    #36, built here as the baseline between the eager loop and a captured whole loop."""
+
+    def __init__(self, field, shape, device):
+        self.x = torch.zeros(shape, device=device)
+        self.t = torch.zeros(shape[0], *[1] * (len(shape) - 1), device=device)
+        self.graph, self.v = _capture(lambda: field(x=self.x, t=self.t))
+
+    def __call__(self, *, x, t):
+        self.x.copy_(x)
+        self.t.copy_(t)
+        self.graph.replay()
+        return self.v  # the graph's buffer: consumed by the update before the next replay
+
+
+# Inductor in eager-numerics mode: rounds every bf16 intermediate as eager does (which also turns
+# off Triton's FMA contraction) and draws random numbers with torch's own generator.
+EAGER_NUMERICS = {"emulate_precision_casts": True, "fallback_random": True}
+
+
+def compiled_original(x_dims, batch, field, device, steps, return_all_steps=False,
+                      eager_numerics=False):
     """``torch.compile(mode="reduce-overhead")`` of the original loop; returns (fn, compile_s).
 
-    The compile time is the wall time of the first three calls (trace, compile, graph record).
+    ``eager_numerics``: the same with :data:`EAGER_NUMERICS`. The compile time is the wall time
+    of the first three calls (trace, compile, graph record).
     """
     def loop():
         return original_sample(list(x_dims), batch, field, device, steps, return_all_steps)
 
-    fn = torch.compile(loop, mode="reduce-overhead", dynamic=False)
+    # mode="reduce-overhead" is these options; torch.compile takes a mode or options, not both
+    options = {"triton.cudagraphs": True, **(EAGER_NUMERICS if eager_numerics else {})}
+    return _compile_timed(torch.compile(loop, options=options, dynamic=False), device)
+
+
+def compiled_ours(x_dims, batch, field, device, steps):
+    """Our own top-mode candidate: ``FlowMatching.sample`` (plain-torch update, so Inductor fuses
+    it with the field) compiled in eager-numerics mode with Inductor's CUDA graphs, whole loop
+    captured; returns (fn, compile_s)."""
+    fm = FlowMatching(x_dims=x_dims, num_inference_steps=steps, backend="torch")
+    options = {"triton.cudagraphs": True, **EAGER_NUMERICS}
+    fn = torch.compile(lambda: fm.sample(batch, field, device=device), options=options,
+                       dynamic=False)
+    return _compile_timed(fn, device)
+
+
+def _compile_timed(fn, device):
     t0 = time.perf_counter()
     for _ in range(3):
         fn()
     synchronize(device)
     return fn, time.perf_counter() - t0
+
+
+def compiled_field_variants(x_dims, batch, field, device, steps):
+    """The ``compiled-field`` rows: ``torch.compile(field)`` (default mode: our graph captures it)
+    under the original loop, under ours eager and under ours captured. Returns ``({name: fn}, compile_s)``; the
+    original loop with the compiled field is the bitwise reference of the captured one. The
+    compile happens in the first call, timed here: never inside a capture."""
+    compiled = torch.compile(field, dynamic=False)
+    device = torch.device(device)
+    fns = {"compiled-field-original": lambda: original_sample(list(x_dims), batch, compiled,
+                                                              device, steps)}
+    _, compile_s = _compile_timed(fns["compiled-field-original"], device)
+    fm = FlowMatching(x_dims=x_dims, num_inference_steps=steps)
+    fns["compiled-field-ours"] = lambda: fm.sample(batch, compiled, device=device)
+    if device.type == "cuda":
+        fns["compiled-field-graph"] = fm.capture(batch, compiled, device=device)
+    return fns, compile_s
+
+
+# ----------------------------------------------------------------------------- W5
+W5_VARIANTS = ("original", "ours-torch", "per-forward-graphs", "graph-triton", "graph-cuda")
+
+
+def w5_expert(config, batch, device, seed=0):
+    """The W5 field for ``batch`` samples of one scene, its prompt KV set (``bench/expert.py``)."""
+    expert = ActionExpert(W5_CONFIGS[config], batch, device=device, seed=seed)
+    expert.set_prefix(*expert.random_prefix(seed + 1))
+    return expert
 
 
 # ----------------------------------------------------------------------------- beyond Euler
@@ -242,22 +362,22 @@ def method_variants(kind, x_dims, batch, field, device, steps, weight=2.5):
     return out
 
 
-def _methods_section(row, reps):
+def _methods_section(row, reps, device="cuda"):
     """rk4 and guided Euler, fused vs the same method in plain torch (issue: beyond Euler)."""
+    big = W2_BATCH if torch.device(device).type == "cuda" else 8  # the 50 MB state on a GPU
+    mb = f"{big * math.prod(W2_DIMS) * 4 / 1e6:.3g}MB"
     cases = [
-        ("rk4-W1-b6", "rk4", ALPAMAYO_DIMS, 6, TinyExpert().cuda(), 10),
-        ("rk4-50MB-5steps", "rk4", W2_DIMS, W2_BATCH, StoredField(W2_BATCH, W2_DIMS, "cuda"), 5),
-        ("cfg-euler-W1-b6", "cfg", ALPAMAYO_DIMS, 6, TinyExpert().cuda(), 10),
-        ("cfg-euler-50MB-10steps", "cfg", W2_DIMS, W2_BATCH // 2,
-         StoredField(W2_BATCH, W2_DIMS, "cuda"), 10),
+        ("rk4-W1-b6", "rk4", ALPAMAYO_DIMS, 6, TinyExpert().to(device), 10),
+        (f"rk4-{mb}-5steps", "rk4", W2_DIMS, big, StoredField(big, W2_DIMS, device), 5),
+        ("cfg-euler-W1-b6", "cfg", ALPAMAYO_DIMS, 6, TinyExpert().to(device), 10),
+        (f"cfg-euler-{mb}-10steps", "cfg", W2_DIMS, big // 2, StoredField(big, W2_DIMS, device), 10),
     ]
     for label, kind, dims, batch, field, steps in cases:
-        variants = method_variants(kind, dims, batch, field, "cuda", steps)
-        base = None
-        for name, fn in variants.items():
-            med, _ = cuda_time(fn, reps=reps if batch < 100 else max(10, reps // 5))
-            base = base or med
-            row(label, name, med, speedup_vs_plain=round(base / med, 2))
+        variants = method_variants(kind, dims, batch, field, device, steps)
+        timings = time_interleaved(variants, device, reps if batch < 100 else max(10, reps // 5))
+        base = timings["plain-torch"].median
+        for name, tm in timings.items():
+            row(label, name, tm, speedup_vs_plain=round(base / tm.median, 2))
 
 
 EXTRA_GPU_SECTIONS = [("methods", _methods_section)]

@@ -1,9 +1,10 @@
 // Python bindings of the fused Euler and Runge-Kutta stage kernels: flowmatch_fast._cuda_euler.
 //
-// Deliberately torch-free: tensors arrive as raw device pointers (ints), dtype codes, sizes and
-// strides, and the stream as the integer handle of PyTorch's current stream. The module links
-// only the static CUDA runtime, so one build serves every torch version with a compatible
-// driver (torch 2.11 and 2.13 alike). The Python side is flowmatch_fast/kernels/cuda_euler.py.
+// Deliberately torch-free: tensors arrive as raw pointers (ints), dtype codes, sizes and
+// strides, and the stream as the integer handle of PyTorch's current stream (device HOST: the
+// host emulation, on CPU tensors). The module links only the static CUDA runtime, so one build
+// serves every torch version with a compatible driver (torch 2.11 and 2.13 alike). The Python
+// side is flowmatch_fast/kernels/cuda_euler.py; the kernels' entry points are in api.h.
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -16,39 +17,12 @@
 #include <utility>
 #include <vector>
 
-#ifndef FMF_ARCH_LIST
-#define FMF_ARCH_LIST "unknown"
-#endif
+#include "api.h"
 
 namespace py = pybind11;
-
-// Defined in euler_kernel.cu (and stage_kernel.cu, below). C++ linkage on purpose: the mangled names carry the parameter
-// types, so a declaration here that drifts from the definition fails at link time.
-namespace fmf {
-int max_dims();
-const char* kernel_arch_list();
-cudaError_t launch_euler_step(int state_code, int field_code, const void* x, const void* v,
-                              const void* v_uncond, void* out, void* traj, int64_t n,
-                              bool doubled, int64_t traj_row, int64_t traj_stride, int rank,
-                              const int64_t* sizes, const int64_t* strides,
-                              const float* grid_step, double guidance_weight, int device,
-                              cudaStream_t stream);
-bool field_offsets_host(int rank, const int64_t* sizes, const int64_t* strides,
-                        const int64_t* indices, int64_t count, bool force64, int64_t* result);
-// Defined in stage_kernel.cu.
-cudaError_t launch_stage_step(int state_code, int field_code, const void* x, const void* k,
-                              const void* k_uncond, const void* acc, void* out, void* acc_out,
-                              void* traj, int64_t n, bool doubled, int64_t traj_row,
-                              int64_t traj_stride, int rank, const int64_t* sizes,
-                              const int64_t* strides, const float* grid_step, double coef,
-                              bool acc_w2, bool from_acc, double guidance_weight, int device,
-                              cudaStream_t stream);
-}  // namespace fmf
+using namespace fmf;  // the entry points and codes of api.h
 
 namespace {
-
-// Same values as fmf::DTypeCode in euler_kernel.cu; Python reads them through dtype_codes().
-enum : int { kF16 = 0, kBF16 = 1, kF32 = 2, kF64 = 3 };
 
 [[noreturn]] void throw_cuda(cudaError_t err, const char* what) {
   std::ostringstream msg;
@@ -56,7 +30,7 @@ enum : int { kF16 = 0, kBF16 = 1, kF32 = 2, kF64 = 3 };
       << cudaGetErrorString(err);
   if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorUnsupportedPtxVersion ||
       err == cudaErrorInvalidKernelImage) {
-    msg << " (the extension holds code for " << FMF_ARCH_LIST
+    msg << " (the extension holds code for " << kernel_arch_list()
         << "; rebuild for this GPU, e.g. FLOWMATCH_FAST_CUDA_ARCHS=<major><minor> "
            "pip install --no-build-isolation -e .)";
   } else if (err == cudaErrorInsufficientDriver) {
@@ -115,92 +89,108 @@ class DeviceGuard {
   int previous_ = -1;
 };
 
-// What both launches check and derive from their arguments: the element count and the
-// coalesced field dims. n == 0 means there is nothing to launch.
+// What both launches check and hand to the kernels: StepArgs, with the field's dims coalesced
+// (held here, StepArgs points into them). n == 0 means there is nothing to launch.
 struct Checked {
-  int64_t n;
+  StepArgs args{};
   std::pair<std::vector<int64_t>, std::vector<int64_t>> dims;
-  int rank;
 };
 
-Checked check_launch(int state_code, int field_code, uintptr_t x, uintptr_t field, uintptr_t out,
-                     uintptr_t traj, int64_t traj_row, int64_t traj_stride,
-                     const std::vector<int64_t>& sizes, const std::vector<int64_t>& field_strides,
-                     uintptr_t grid, int64_t step, int device) {
+void check_launch(Checked& c, uintptr_t x, int state_code, uintptr_t field, uintptr_t field_uncond,
+                  int field_code, int mode, uintptr_t out, bool doubled, uintptr_t traj,
+                  int64_t traj_row, int64_t traj_stride, const std::vector<int64_t>& sizes,
+                  const std::vector<int64_t>& field_strides, uintptr_t grid, int64_t step,
+                  double guidance_weight, int device) {
   if (state_code != kF32 && state_code != kF64) {
     throw py::value_error("flowmatch_fast._cuda_euler: state dtype code must be float32 or float64");
   }
   if (field_code < kF16 || field_code > kF64) {
     throw py::value_error("flowmatch_fast._cuda_euler: unknown field dtype code");
   }
-  Checked c;
-  c.n = 1;
-  for (int64_t s : sizes) c.n *= s;  // negative sizes are rejected by coalesce() below
-  c.dims = coalesce(sizes, field_strides);
-  c.rank = static_cast<int>(c.dims.first.size());
-  if (c.n == 0) return c;  // nothing to write: no launch
-  if (c.rank > fmf::max_dims()) {
-    throw py::value_error("flowmatch_fast._cuda_euler: the field has more than " +
-                          std::to_string(fmf::max_dims()) + " dims after coalescing");
+  if (mode < 0 || mode >= kNumModes) {
+    throw py::value_error("flowmatch_fast._cuda_euler: unknown velocity mode " + std::to_string(mode));
   }
-  if (x == 0 || field == 0 || out == 0 || grid == 0) {
+  int64_t n = 1;
+  for (int64_t s : sizes) n *= s;  // negative sizes are rejected by coalesce() below
+  c.dims = coalesce(sizes, field_strides);
+  const int rank = static_cast<int>(c.dims.first.size());
+  StepArgs& a = c.args;
+  a.n = n;
+  if (n == 0) return;  // nothing to write: no launch
+  if (rank > kMaxDims) {
+    throw py::value_error("flowmatch_fast._cuda_euler: the field has more than " +
+                          std::to_string(kMaxDims) + " dims after coalescing");
+  }
+  if (x == 0 || field == 0 || out == 0 || grid == 0 || (mode == kCfg && field_uncond == 0)) {
     throw py::value_error("flowmatch_fast._cuda_euler: null tensor pointer");
   }
   if (step < 0) throw py::value_error("flowmatch_fast._cuda_euler: negative step index");
-  if (traj != 0 && (traj_row < 1 || c.n % traj_row != 0 || traj_stride < 0)) {
+  if (traj != 0 && (traj_row < 1 || n % traj_row != 0 || traj_stride < 0)) {
     throw py::value_error("flowmatch_fast._cuda_euler: bad trajectory row size or stride");
   }
-  if (device < 0) throw py::value_error("flowmatch_fast._cuda_euler: bad device index");
-  return c;
+  if (device < kHost) throw py::value_error("flowmatch_fast._cuda_euler: bad device index");
+  a.state_code = state_code;
+  a.field_code = field_code;
+  a.mode = mode;
+  a.x = reinterpret_cast<const void*>(x);
+  a.v = reinterpret_cast<const void*>(field);
+  a.v_uncond = mode == kCfg ? reinterpret_cast<const void*>(field_uncond) : nullptr;
+  a.out = reinterpret_cast<void*>(out);
+  a.traj = reinterpret_cast<void*>(traj);
+  a.doubled = doubled;
+  a.traj_row = traj_row;
+  a.traj_stride = traj_stride;
+  a.rank = rank;
+  a.sizes = c.dims.first.data();
+  a.strides = c.dims.second.data();
+  a.grid_step = reinterpret_cast<const float*>(grid) + step;
+  a.guidance_weight = guidance_weight;
+}
+
+// Runs launch(target) and raises CUDA's error, if any. On a GPU: without the GIL (a launch can
+// block when the launch queue is full) and with the tensors' device current. On the host
+// (device == kHost): synchronously, with the GIL held.
+template <class F>
+void run_launch(int device, uintptr_t stream, const char* what, F&& launch) {
+  cudaError_t err;
+  if (device == kHost) {
+    err = launch(Target{kHost, nullptr});
+  } else {
+    py::gil_scoped_release no_gil;
+    DeviceGuard guard(device);
+    err = launch(Target{device, reinterpret_cast<cudaStream_t>(stream)});
+  }
+  if (err != cudaSuccess) throw_cuda(err, what);
 }
 
 void euler_step(uintptr_t x, int state_code, uintptr_t v, uintptr_t v_uncond, int field_code,
-                uintptr_t out, bool doubled, uintptr_t traj, int64_t traj_row,
+                int mode, uintptr_t out, bool doubled, uintptr_t traj, int64_t traj_row,
                 int64_t traj_stride, const std::vector<int64_t>& sizes,
                 const std::vector<int64_t>& field_strides, uintptr_t grid, int64_t step,
                 double guidance_weight, int device, uintptr_t stream) {
-  const Checked c = check_launch(state_code, field_code, x, v, out, traj, traj_row, traj_stride,
-                                 sizes, field_strides, grid, step, device);
-  if (c.n == 0) return;
-
-  cudaError_t err;
-  {
-    py::gil_scoped_release no_gil;  // a launch can block when the launch queue is full
-    DeviceGuard guard(device);
-    err = fmf::launch_euler_step(
-        state_code, field_code, reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(v),
-        reinterpret_cast<const void*>(v_uncond), reinterpret_cast<void*>(out),
-        reinterpret_cast<void*>(traj), c.n, doubled, traj_row, traj_stride, c.rank,
-        c.dims.first.data(), c.dims.second.data(), reinterpret_cast<const float*>(grid) + step,
-        guidance_weight, device, reinterpret_cast<cudaStream_t>(stream));
-  }
-  if (err != cudaSuccess) throw_cuda(err, "the Euler kernel launch");
+  Checked c;
+  check_launch(c, x, state_code, v, v_uncond, field_code, mode, out, doubled, traj, traj_row,
+               traj_stride, sizes, field_strides, grid, step, guidance_weight, device);
+  if (c.args.n == 0) return;
+  run_launch(device, stream, "the Euler kernel launch",
+             [&](const Target& t) { return launch_euler_step(c.args, t); });
 }
 
 // acc and acc_out (0 when absent) are contiguous arrays of the compute dtype, i.e. of out's.
 void stage_step(uintptr_t x, int state_code, uintptr_t k, uintptr_t k_uncond, int field_code,
-                uintptr_t acc, uintptr_t out, uintptr_t acc_out, bool doubled, uintptr_t traj,
-                int64_t traj_row, int64_t traj_stride, const std::vector<int64_t>& sizes,
-                const std::vector<int64_t>& field_strides, uintptr_t grid, int64_t step,
-                double coef, bool acc_w2, bool from_acc, double guidance_weight, int device,
-                uintptr_t stream) {
-  const Checked c = check_launch(state_code, field_code, x, k, out, traj, traj_row, traj_stride,
-                                 sizes, field_strides, grid, step, device);
-  if (c.n == 0) return;
-
-  cudaError_t err;
-  {
-    py::gil_scoped_release no_gil;
-    DeviceGuard guard(device);
-    err = fmf::launch_stage_step(
-        state_code, field_code, reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(k),
-        reinterpret_cast<const void*>(k_uncond), reinterpret_cast<const void*>(acc),
-        reinterpret_cast<void*>(out), reinterpret_cast<void*>(acc_out),
-        reinterpret_cast<void*>(traj), c.n, doubled, traj_row, traj_stride, c.rank,
-        c.dims.first.data(), c.dims.second.data(), reinterpret_cast<const float*>(grid) + step,
-        coef, acc_w2, from_acc, guidance_weight, device, reinterpret_cast<cudaStream_t>(stream));
-  }
-  if (err != cudaSuccess) throw_cuda(err, "the Runge-Kutta stage kernel launch");
+                int mode, uintptr_t acc, uintptr_t out, uintptr_t acc_out, bool doubled,
+                uintptr_t traj, int64_t traj_row, int64_t traj_stride,
+                const std::vector<int64_t>& sizes, const std::vector<int64_t>& field_strides,
+                uintptr_t grid, int64_t step, double coef, bool acc_w2, bool from_acc,
+                double guidance_weight, int device, uintptr_t stream) {
+  Checked c;
+  check_launch(c, x, state_code, k, k_uncond, field_code, mode, out, doubled, traj, traj_row,
+               traj_stride, sizes, field_strides, grid, step, guidance_weight, device);
+  if (c.args.n == 0) return;
+  const StageArgs st{reinterpret_cast<const void*>(acc), reinterpret_cast<void*>(acc_out), coef,
+                     acc_w2, from_acc};
+  run_launch(device, stream, "the Runge-Kutta stage kernel launch",
+             [&](const Target& t) { return launch_stage_step(c.args, st, t); });
 }
 
 int device_count() {
@@ -215,7 +205,7 @@ int device_count() {
 
 std::vector<std::string> compiled_archs() {
   std::vector<std::string> archs;
-  std::string list = fmf::kernel_arch_list(), item;
+  std::string list = kernel_arch_list(), item;
   std::istringstream in(list);
   while (std::getline(in, item, ';')) {
     if (!item.empty()) archs.push_back(item);
@@ -227,9 +217,9 @@ std::string build_info() {
   std::ostringstream s;
   int runtime = 0;
   cudaRuntimeGetVersion(&runtime);  // works without a GPU or driver
-  s << "flowmatch_fast._cuda_euler: archs " << fmf::kernel_arch_list() << "; CUDA runtime "
+  s << "flowmatch_fast._cuda_euler: archs " << kernel_arch_list() << "; CUDA runtime "
     << CUDART_VERSION / 1000 << "." << (CUDART_VERSION % 1000) / 10 << " (static, reports "
-    << runtime << "); max field dims " << fmf::max_dims();
+    << runtime << "); max field dims " << kMaxDims;
   return s.str();
 }
 
@@ -241,9 +231,9 @@ py::list field_offsets(const std::vector<int64_t>& sizes, const std::vector<int6
     dims.second.push_back(0);
   }
   std::vector<int64_t> result(indices.size());
-  if (!fmf::field_offsets_host(static_cast<int>(dims.first.size()), dims.first.data(),
-                               dims.second.data(), indices.data(),
-                               static_cast<int64_t>(indices.size()), force64, result.data())) {
+  if (!field_offsets_host(static_cast<int>(dims.first.size()), dims.first.data(),
+                          dims.second.data(), indices.data(),
+                          static_cast<int64_t>(indices.size()), force64, result.data())) {
     throw py::value_error("flowmatch_fast._cuda_euler: too many dims after coalescing");
   }
   return py::cast(result);
@@ -254,21 +244,22 @@ py::list field_offsets(const std::vector<int64_t>& sizes, const std::vector<int6
 PYBIND11_MODULE(_cuda_euler, m) {
   m.doc() = "flowmatch_fast's fused Euler update and Runge-Kutta stage (CUDA, torch-free "
             "binding; see cuda_euler.py)";
-  m.attr("MAX_DIMS") = fmf::max_dims();
+  m.attr("MAX_DIMS") = kMaxDims;
+  m.attr("HOST") = kHost;
   m.def("euler_step", &euler_step, py::arg("x"), py::arg("state_code"), py::arg("v"),
-        py::arg("v_uncond"), py::arg("field_code"), py::arg("out"), py::arg("doubled"),
-        py::arg("traj"), py::arg("traj_row"), py::arg("traj_stride"), py::arg("sizes"),
-        py::arg("field_strides"), py::arg("grid"), py::arg("step"), py::arg("guidance_weight"),
-        py::arg("device"), py::arg("stream"),
-        "Launch out = x + (grid[step+1]-grid[step]) * v on `stream` (raw pointers; async).");
-  m.def("stage_step", &stage_step, py::arg("x"), py::arg("state_code"), py::arg("k"),
-        py::arg("k_uncond"), py::arg("field_code"), py::arg("acc"), py::arg("out"),
-        py::arg("acc_out"), py::arg("doubled"), py::arg("traj"), py::arg("traj_row"),
-        py::arg("traj_stride"), py::arg("sizes"), py::arg("field_strides"), py::arg("grid"),
-        py::arg("step"), py::arg("coef"), py::arg("acc_w2"), py::arg("from_acc"),
+        py::arg("v_uncond"), py::arg("field_code"), py::arg("mode"), py::arg("out"),
+        py::arg("doubled"), py::arg("traj"), py::arg("traj_row"), py::arg("traj_stride"),
+        py::arg("sizes"), py::arg("field_strides"), py::arg("grid"), py::arg("step"),
         py::arg("guidance_weight"), py::arg("device"), py::arg("stream"),
-        "Launch one Runge-Kutta stage (reference.stage_step's arithmetic) on `stream` "
-        "(raw pointers; async).");
+        "Launch out = x + (grid[step+1]-grid[step]) * v on `stream` (raw pointers; async), or "
+        "with device=HOST run the same kernel code on the host (host pointers; synchronous).");
+  m.def("stage_step", &stage_step, py::arg("x"), py::arg("state_code"), py::arg("k"),
+        py::arg("k_uncond"), py::arg("field_code"), py::arg("mode"), py::arg("acc"),
+        py::arg("out"), py::arg("acc_out"), py::arg("doubled"), py::arg("traj"),
+        py::arg("traj_row"), py::arg("traj_stride"), py::arg("sizes"), py::arg("field_strides"),
+        py::arg("grid"), py::arg("step"), py::arg("coef"), py::arg("acc_w2"),
+        py::arg("from_acc"), py::arg("guidance_weight"), py::arg("device"), py::arg("stream"),
+        "Launch one Runge-Kutta stage (reference.stage_step's arithmetic); devices as euler_step.");
   m.def("device_count", &device_count,
         "cudaGetDeviceCount through the extension's runtime; RuntimeError with CUDA's message.");
   m.def("build_info", &build_info, "Compiled archs and CUDA runtime version.");
@@ -281,6 +272,36 @@ PYBIND11_MODULE(_cuda_euler, m) {
     d["float64"] = static_cast<int>(kF64);
     return d;
   });
+  m.def("velocity_modes", []() {
+    py::dict d;
+    d["field"] = static_cast<int>(kFieldOnly);
+    d["cfg"] = static_cast<int>(kCfg);
+    return d;
+  });
+  m.def("host_launches", []() {
+    const HostLaunch r = host_launches();
+    py::dict d;
+    d["euler"] = r.count[0];
+    d["stage"] = r.count[1];
+    d["kernel"] = r.kernel == 0 ? "euler" : "stage";
+    d["contiguous"] = r.contiguous;
+    d["vectorized"] = r.vectorized;
+    d["index32"] = r.index32;
+    d["vec"] = r.vec;
+    d["blocks"] = r.blocks;
+    return d;
+  }, "Launch counts of the host emulation and what it decided for the last launch (tests).");
+  m.def("set_host_result_skew", &set_host_result_skew, py::arg("ulps"),
+        "Test hook: the host emulation writes every result this many ulps up (0: exact).");
+  m.def("widen_host", [](int field_code, const std::vector<uint16_t>& bits) {
+    if (field_code != kF16 && field_code != kBF16) {
+      throw py::value_error("flowmatch_fast._cuda_euler: widen_host takes float16 or bfloat16");
+    }
+    std::vector<float> out(bits.size());
+    for (size_t k = 0; k < bits.size(); ++k) out[k] = widen_host(field_code, bits[k]);
+    return py::bytes(reinterpret_cast<const char*>(out.data()), out.size() * sizeof(float));
+  }, py::arg("field_code"), py::arg("bits"),
+        "The kernels' widening of 16-bit field elements to float32 on the host, as raw bytes.");
   m.def("coalesce", &coalesce, py::arg("sizes"), py::arg("strides"),
         "The dims the kernel iterates over (for tests).");
   m.def("field_offsets", &field_offsets, py::arg("sizes"), py::arg("strides"), py::arg("indices"),

@@ -1,56 +1,70 @@
-// Shared by the kernels of flowmatch_fast._cuda_euler (euler_kernel.cu, stage_kernel.cu):
-// dtypes, explicitly rounded arithmetic, vector memory access, the strided-field indexer and
-// the host-side launch helpers. Compiled by nvcc only; nothing here includes torch.
+// The arithmetic and memory access the kernels of flowmatch_fast._cuda_euler share
+// (euler_kernel.cu, stage_kernel.cu): dtypes, explicitly rounded arithmetic, the velocity
+// modes, vector access and the strided-field indexer. Every function here is
+// __host__ __device__: the host emulation (launch.cuh) runs the very same code on the CPU.
 //
-// Every operation of the kernels goes through an explicitly rounded intrinsic (__fmul_rn,
-// __dadd_rn, ...): the compiler never contracts those into a fused multiply-add, and the build
-// also passes -fmad=false. No conversion rounds where the kernels widen: half/bf16 -> float ->
-// double are all exact.
+// Rounding, the same bits on both sides:
+// - device: every operation goes through an explicitly rounded intrinsic (__fmul_rn,
+//   __dadd_rn, ...), which the compiler never contracts into a fused multiply-add (the build
+//   also passes -fmad=false);
+// - host: the plain IEEE operators of x86-64 SSE2 / AArch64, round-to-nearest-even in the
+//   operand's precision, built with -ffp-contract=off (setup.py) so that no FMA is formed.
+// No conversion rounds where the kernels widen: half/bf16 -> float -> double are exact.
 
 #pragma once
 
-#include <cuda_runtime.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
-#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 
+#include "api.h"
+
 namespace fmf {
 
-// Field ranks above this are collapsed first (coalescing, in binding.cpp); Python makes a field
-// contiguous in the (never seen in practice) case where even that leaves too many dims.
-constexpr int kMaxDims = 8;
-constexpr int kThreads = 256;    // threads per block
-constexpr int kBlocksPerSm = 8;  // 8 x 256 = 2048 resident threads per SM on sm_80 / sm_90
-
-// dtype codes shared with binding.cpp and (through dtype_codes()) with Python.
-enum DTypeCode : int { kF16 = 0, kBF16 = 1, kF32 = 2, kF64 = 3 };
+constexpr int kThreads = 256;  // threads per block
 
 // ------------------------------------------------------------------------------------------
 // Types: the field is held as its raw storage type and widened exactly to P on load.
+__host__ __device__ __forceinline__ float bits_as_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
 template <int CODE> struct FieldT;
 template <> struct FieldT<kF16> {
   using storage = uint16_t;
   using P = float;
-  static __device__ __forceinline__ float widen(storage b) { return __half2float(__ushort_as_half(b)); }
+  // cuda_fp16.h: cvt.f32.f16 on the device, its software conversion on the host.
+  static __host__ __device__ __forceinline__ float widen(storage b) {
+    return __half2float(__ushort_as_half(b));
+  }
 };
 template <> struct FieldT<kBF16> {
   using storage = uint16_t;
   using P = float;
   // bf16 is the top half of a float32: widening is a shift (what c10::BFloat16 does too).
-  static __device__ __forceinline__ float widen(storage b) { return __uint_as_float(uint32_t(b) << 16); }
+  static __host__ __device__ __forceinline__ float widen(storage b) {
+    return bits_as_float(uint32_t(b) << 16);
+  }
 };
 template <> struct FieldT<kF32> {
   using storage = float;
   using P = float;
-  static __device__ __forceinline__ float widen(storage b) { return b; }
+  static __host__ __device__ __forceinline__ float widen(storage b) { return b; }
 };
 template <> struct FieldT<kF64> {
   using storage = double;
   using P = double;
-  static __device__ __forceinline__ double widen(storage b) { return b; }
+  static __host__ __device__ __forceinline__ double widen(storage b) { return b; }
 };
 
 template <int CODE> struct StateT;
@@ -71,33 +85,78 @@ template <int XC, int VC> struct Types {
 };
 
 // Rounded arithmetic, one overload per precision (never contracted into FMA).
+#ifdef __CUDA_ARCH__
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+#else
+template <class T> inline T add_rn(T a, T b) { return a + b; }
+template <class T> inline T sub_rn(T a, T b) { return a - b; }
+template <class T> inline T mul_rn(T a, T b) { return a * b; }
+#endif
+
+// The velocity of one element in the product dtype P (api.h's VelocityMode).
+template <int MODE, class F, class P = typename F::P>
+__host__ __device__ __forceinline__ P velocity(typename F::storage vc, typename F::storage vu,
+                                               P w) {
+  static_assert(MODE == kFieldOnly || MODE == kCfg, "a VelocityMode without a branch here");
+  const P c = F::widen(vc);
+  if (MODE == kCfg) {
+    const P u = F::widen(vu);
+    return add_rn(u, mul_rn(w, sub_rn(c, u)));  // vu + w * (vc - vu), as guided_velocity()
+  }
+  return c;
+}
+
+// The host emulation's test hook (api.h: set_host_result_skew): every result it writes moves
+// this many ulps up. Always 0 on the device, and on the host outside that one test.
+inline int g_host_result_skew = 0;
+
+template <class T>
+__host__ __device__ __forceinline__ T skewed(T r) {
+#ifndef __CUDA_ARCH__
+  for (int k = 0; k < g_host_result_skew; ++k) r = std::nextafter(r, T(INFINITY));
+#endif
+  return r;
+}
 
 // ------------------------------------------------------------------------------------------
-// Vector memory access: N elements of T moved as one 4/8/16-byte word (LDG/STG .32/.64/.128).
+// Memory access of N consecutive elements: N > 1 moves them as one 4/8/16-byte word
+// (LDG/STG .32/.64/.128 on the device; a copy of the same bytes on the host), N == 1 is a
+// plain access (the scalar path).
 template <int BYTES> struct RawWord;
 template <> struct RawWord<4> { using type = unsigned int; };
 template <> struct RawWord<8> { using type = uint2; };
 template <> struct RawWord<16> { using type = uint4; };
 
 template <class T, int N>
-__device__ __forceinline__ void load_vec(const T* p, T (&dst)[N]) {
-  using R = typename RawWord<sizeof(T) * N>::type;
-  const R r = __ldg(reinterpret_cast<const R*>(p));  // read-only path; inputs never alias out
-  memcpy(dst, &r, sizeof(R));                          // register moves after optimisation
+__host__ __device__ __forceinline__ void load_vec(const T* p, T (&dst)[N]) {
+  if constexpr (N == 1) {
+    dst[0] = *p;
+  } else {
+    using R = typename RawWord<sizeof(T) * N>::type;
+#ifdef __CUDA_ARCH__
+    const R r = __ldg(reinterpret_cast<const R*>(p));  // read-only path; inputs never alias out
+    memcpy(dst, &r, sizeof(R));                          // register moves after optimisation
+#else
+    memcpy(dst, p, sizeof(R));
+#endif
+  }
 }
 
 template <class T, int N>
-__device__ __forceinline__ void store_vec(T* p, const T (&src)[N]) {
-  using R = typename RawWord<sizeof(T) * N>::type;
-  R r;
-  memcpy(&r, src, sizeof(R));
-  *reinterpret_cast<R*>(p) = r;
+__host__ __device__ __forceinline__ void store_vec(T* p, const T (&src)[N]) {
+  if constexpr (N == 1) {
+    *p = src[0];
+  } else {
+    using R = typename RawWord<sizeof(T) * N>::type;
+    R r;
+    memcpy(&r, src, sizeof(R));
+    *reinterpret_cast<R*>(p) = r;
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -132,7 +191,8 @@ struct FastDivmod {
 // Maps the linear index e of an element (row-major in the state's shape) to the offset of the
 // field element it reads, for an arbitrarily strided field. Dims are stored innermost first,
 // already coalesced by the host (so the usual case, a field broadcast over the batch, is two
-// dims: [B, M] with strides [0, 1]).
+// dims: [B, M] with strides [0, 1]). Offsets are 64-bit on both paths: a small field can sit
+// far apart in memory (strides x sizes past 2^31).
 struct FieldIndexer {
   int rank;  // >= 1 on the strided path
   FastDivmod div[kMaxDims];
@@ -170,10 +230,32 @@ struct FieldIndexer {
   }
 };
 
+// What both kernels read, passed by value inside the kernel parameter (launch.cuh fills it).
+template <int XC, int VC>
+struct StepParams {
+  using T = Types<XC, VC>;
+  const typename T::X* x;
+  const typename T::V* v;
+  const typename T::V* vu;  // unconditional field (kCfg only); same strides as v
+  typename T::S* out;       // [n] or [2n]: the doubled copy starts at out + n
+  typename T::S* traj;      // row b of the trajectory slot starts at traj + b * traj_stride
+  const float* grid;        // &grid[i]: dt = grid[1] - grid[0]
+  int64_t n;                // elements of the state
+  int64_t traj_row;         // elements per sample (traj rows are contiguous)
+  int64_t traj_stride;      // elements between the rows of the trajectory slot
+  double w;                 // guidance weight, rounded to P in the kernel (as PyTorch does)
+  FastDivmod traj_div;      // divides by traj_row (use32 and a trajectory only)
+  FieldIndexer field;       // strided path only
+  bool use32;               // every index fits in 31 bits: fast division
+  bool vec;                 // contiguous path: all pointers aligned for the vector width
+  bool doubled;             // also write out[e + n]
+  bool write_traj;          // also write the trajectory slot
+};
+
 // Offset in the trajectory slot of state element e: rows of traj_row contiguous elements,
-// traj_stride apart. Any launch-parameter struct with these members (Params, StageParams).
-template <class Prm>
-__device__ __forceinline__ int64_t traj_offset(const Prm& p, int64_t e) {
+// traj_stride apart.
+template <int XC, int VC>
+__host__ __device__ __forceinline__ int64_t traj_offset(const StepParams<XC, VC>& p, int64_t e) {
   int64_t b;
   if (p.use32) {
     b = p.traj_div.div(static_cast<uint32_t>(e));
@@ -183,45 +265,48 @@ __device__ __forceinline__ int64_t traj_offset(const Prm& p, int64_t e) {
   return b * p.traj_stride + (e - b * p.traj_row);
 }
 
-// ------------------------------------------------------------------------------------------
-// Host side.
+// The grid-stride walk of one thread, shared by the kernels: on the contiguous path with every
+// pointer aligned (p.vec), VEC elements at a time, then the scalar tail; otherwise one element
+// at a time, the field read at its strided offset. op(IntC<N>, e, off) processes the N
+// elements from state index e (field offset off).
+template <int V> using IntC = std::integral_constant<int, V>;
 
-// Multiprocessor count per device, read once with cudaDeviceGetAttribute (no sync, legal
-// during stream capture) and cached; 0 = not read yet. One cache for the whole module (an
-// inline variable: one definition across the translation units).
-constexpr int kMaxDevices = 64;
-inline std::atomic<int> g_sm_count[kMaxDevices];  // zero-initialised (static storage)
-
-inline cudaError_t sm_count(int device, int* out) {
-  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
-  int c = g_sm_count[device].load(std::memory_order_relaxed);
-  if (c == 0) {
-    const cudaError_t err = cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) return err;
-    g_sm_count[device].store(c, std::memory_order_relaxed);
+template <int VEC, bool CONTIG, int XC, int VC, class Op>
+__host__ __device__ __forceinline__ void grid_stride(const StepParams<XC, VC>& p, int64_t tid,
+                                                     int64_t nthreads, Op&& op) {
+  int64_t scalar_start = 0;
+  if (CONTIG && p.vec) {
+    const int64_t nvec = p.n / VEC;
+    for (int64_t k = tid; k < nvec; k += nthreads) op(IntC<VEC>{}, k * VEC, k * VEC);
+    scalar_start = nvec * VEC;
   }
-  *out = c;
-  return cudaSuccess;
+  for (int64_t e = scalar_start + tid; e < p.n; e += nthreads) {
+    op(IntC<1>{}, e, CONTIG ? e : p.field.offset(e, p.use32));
+  }
 }
 
-inline bool aligned(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+// Loads N state elements and the field(s) at offset off (the unconditional field when
+// TWO_FIELDS); independent loads, issued before any use.
+template <bool TWO_FIELDS, int XC, int VC, int N>
+__host__ __device__ __forceinline__ void load_inputs(const StepParams<XC, VC>& p, int64_t e,
+                                                     int64_t off,
+                                                     typename Types<XC, VC>::X (&xs)[N],
+                                                     typename Types<XC, VC>::V (&vs)[N],
+                                                     typename Types<XC, VC>::V (&us)[N]) {
+  load_vec(p.x + e, xs);
+  load_vec(p.v + off, vs);
+  if (TWO_FIELDS) load_vec(p.vu + off, us);
 }
 
-// Blocks of a grid-stride launch over `items` work items: enough to cover them, at most what
-// the GPU holds resident at once.
-inline unsigned grid_blocks(int64_t items, int sms) {
-  int64_t blocks = (items + kThreads - 1) / kThreads;
-  const int64_t max_blocks = static_cast<int64_t>(sms) * kBlocksPerSm;
-  if (blocks > max_blocks) blocks = max_blocks;
-  if (blocks < 1) blocks = 1;
-  return static_cast<unsigned>(blocks);
-}
-
-// Turns a run-time flag into a template argument (nest calls for several flags).
-template <class F>
-inline cudaError_t with_flag(bool b, F&& f) {
-  return b ? f(std::true_type{}) : f(std::false_type{});
+// Stores N new state elements from index e: the state, its doubled copy, the trajectory slot
+// (rows hold whole vectors on the vector path; for a doubled vector the host checked n % VEC == 0).
+template <int XC, int VC, int N>
+__host__ __device__ __forceinline__ void write_state(const StepParams<XC, VC>& p, int64_t e,
+                                                     const typename Types<XC, VC>::S (&r)[N],
+                                                     bool doubled, bool traj) {
+  store_vec(p.out + e, r);
+  if (doubled) store_vec(p.out + p.n + e, r);
+  if (traj) store_vec(p.traj + traj_offset(p, e), r);
 }
 
 }  // namespace fmf

@@ -3,8 +3,17 @@
 The kernels live in the extension ``flowmatch_fast._cuda_euler`` (csrc/), built by setup.py
 when nvcc is found. The binding is torch-free (raw pointers, sizes, strides, the stream
 handle), so this module does the torch side: contract checks, the broadcast of the field,
-and picking the current stream, with as little Python as possible since it runs once per
-sampling step (or stage).
+and picking the tensors' device and its current stream, with as little Python as possible
+since it runs once per sampling step (or stage).
+
+Host emulation: with ``FLOWMATCH_FAST_CUDA_EMULATE=1`` the backend also takes CPU tensors and
+runs the same kernel code on the host (csrc/launch.cuh walks the same grid of blocks and
+threads), through this same launch path; only the stream and the launch differ. CI runs the
+parity suite that way. Outside the emulation, GPU-only: streams and the device guard, CUDA
+graphs (capture, replay), threads running concurrently (the host runs them one after another),
+and the device compilation itself: intrinsics, SASS and PTX (checked by inspecting the binary
+in tests/test_cuda_binary.py, and on a GPU by test_emulation_matches_the_device, which
+bench/gpu_suite.sh runs with the whole suite).
 
 Under ``torch.compile`` the launches go through two custom ops instead
 (``flowmatch_fast::cuda_euler_step`` / ``cuda_stage_step``, registered at import, below), which
@@ -16,6 +25,7 @@ Nothing here touches the GPU at import: the extension is imported on first use.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Optional
 
 import torch
@@ -25,11 +35,13 @@ from .reference import TimeGrid, result_dtype, stage_dtype
 
 EXTENSION = "flowmatch_fast._cuda_euler"
 INSTALL_HINT = "install with nvcc on PATH: pip install --no-build-isolation -e ."
+EMULATE_ENV = "FLOWMATCH_FAST_CUDA_EMULATE"
 
 _ext = None  # the extension module, once imported
 _import_error: Optional[BaseException] = None
 _STATE_CODES: dict = {}  # torch dtype -> the binding's dtype code
 _FIELD_CODES: dict = {}
+_FIELD_ONLY = _CFG = 0  # the binding's velocity modes, once loaded
 _runtime_error: Optional[str] = None  # the extension's CUDA runtime could not see a GPU
 _runtime_checked = False
 _arch_reasons: dict = {}  # device index -> None or why the build holds no code for it
@@ -53,8 +65,16 @@ def _load():
             _STATE_CODES[getattr(torch, name)] = codes[name]
         for name in ("float16", "bfloat16", "float32", "float64"):
             _FIELD_CODES[getattr(torch, name)] = codes[name]
+        global _FIELD_ONLY, _CFG
+        modes = ext.velocity_modes()
+        _FIELD_ONLY, _CFG = modes["field"], modes["cfg"]
         _ext = ext
     return _ext
+
+
+def emulating() -> bool:
+    """Whether ``FLOWMATCH_FAST_CUDA_EMULATE`` asks for the host emulation on CPU tensors."""
+    return os.environ.get(EMULATE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _check_runtime(ext) -> Optional[str]:
@@ -111,14 +131,18 @@ def _constant_under_compile(fn):
 def unavailable_reason(device) -> Optional[str]:
     """``None`` when this backend can run on ``device``; else what is wrong and the fix."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return f"the cuda backend runs on CUDA tensors; got device {device}"
+    emulated = device.type == "cpu" and emulating()
+    if device.type != "cuda" and not emulated:
+        return (f"the cuda backend runs on CUDA tensors; got device {device} (set {EMULATE_ENV}=1 "
+                "to run its kernels on CPU tensors through the host emulation, for tests)")
     ext = _load()
     if ext is None:
         return (
             f"the compiled extension {EXTENSION} is not built "
             f"({type(_import_error).__name__}: {_import_error}); {INSTALL_HINT}"
         )
+    if emulated:
+        return None
     reason = _check_runtime(ext)
     if reason is not None:
         return reason
@@ -130,6 +154,21 @@ def _require_ext():
     if ext is None:
         raise RuntimeError(unavailable_reason(torch.device("cuda")))
     return ext
+
+
+def _target(x: torch.Tensor):
+    """(device index, raw stream handle) of a launch on ``x``'s tensors: the current stream of
+    ``x``'s CUDA device (which need not be the current device), or (-1, 0) for CPU tensors under
+    the host emulation (-1 is the binding's HOST)."""
+    device = x.get_device()
+    if device >= 0:
+        if _raw_stream is not None:
+            return device, _raw_stream(device)
+        return device, torch.cuda.current_stream(device).cuda_stream
+    if x.device.type != "cpu" or not emulating():
+        raise RuntimeError(f"the cuda backend runs on CUDA tensors; got x on {x.device} (CPU tensors "
+                           f"need {EMULATE_ENV}=1, the host emulation)")
+    return device, 0
 
 
 def euler_step(
@@ -186,9 +225,7 @@ def euler_step(
         raise ValueError(
             f"out must hold 1 or 2 copies of the state ({n} elements); got shape {tuple(out.shape)}"
         )
-    device = x.get_device()
-    if device < 0:
-        raise RuntimeError(f"the cuda backend runs on CUDA tensors; got x on {x.device}")
+    device, stream = _target(x)
     values = grid.values
     if (
         v.get_device() != device
@@ -219,12 +256,10 @@ def euler_step(
         else:
             copy_traj = True
 
-    stream = (
-        _raw_stream(device) if _raw_stream is not None else torch.cuda.current_stream(device).cuda_stream
-    )
     ext.euler_step(
         x.data_ptr(), state_code,
         v.data_ptr(), v_uncond.data_ptr() if v_uncond is not None else 0, field_code,
+        _FIELD_ONLY if v_uncond is None else _CFG,
         out.data_ptr(), doubled,
         traj_ptr, traj_row, traj_stride,
         shape, v.stride(),
@@ -312,9 +347,7 @@ def _stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc, out, 
     n = x.numel()
     rows = shape[0]
     doubled = _doubled(out, n)
-    device = x.get_device()
-    if device < 0:
-        raise RuntimeError(f"the cuda backend runs on CUDA tensors; got x on {x.device}")
+    device, stream = _target(x)
     values = grid.values
     if (
         k.get_device() != device
@@ -330,12 +363,10 @@ def _stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc, out, 
         return out, acc_out
 
     traj_ptr, traj_row, traj_stride, copy_traj = _traj_args(traj, out, x, device, n)
-    stream = (
-        _raw_stream(device) if _raw_stream is not None else torch.cuda.current_stream(device).cuda_stream
-    )
     ext.stage_step(
         x.data_ptr(), state_code,
         k.data_ptr(), k_uncond.data_ptr() if k_uncond is not None else 0, field_code,
+        _FIELD_ONLY if k_uncond is None else _CFG,
         acc.data_ptr() if acc is not None else 0,
         out.data_ptr(), acc_out.data_ptr() if acc_out is not None else 0, doubled,
         traj_ptr, traj_row, traj_stride,

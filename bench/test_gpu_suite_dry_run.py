@@ -1,0 +1,57 @@
+"""``bash bench/gpu_suite.sh --dry-run`` on CPU: the suite's phases and every gpu_bench section run
+with tiny sizes, the results and the suite's table are written, and nothing lands in
+bench/results. (The demo and the gpu-marked test phases are left to the CI passes that run them.)
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_gpu_suite_dry_run_runs_every_bench_section_on_cpu(tmp_path):
+    before = sorted(os.listdir(os.path.join(HERE, "results")))
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHON=sys.executable,
+               SUITE_SKIP="demo tests parity")
+    env.pop("OUT", None)
+    env.pop("RESULTS_DIR", None)
+    proc = subprocess.run(["bash", os.path.join(HERE, "gpu_suite.sh"), "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = tmp_path / "flowmatch_suite_dry_run" / "results"
+    data = json.loads((results / "dry-run-cpu.json").read_text())
+    assert data["problems"] == []
+    sections = {r["workload"] for r in data["rows"] if r["variant"] == "section wall time"}
+    assert {"w1", "w5", "kernel-count", "kernel", "launch", "w2", "w3", "memory"} <= sections
+    w5 = {r["variant"]: r for r in data["rows"] if r["workload"] == "W5-small-b2"}
+    assert w5["ours-torch"]["bitwise_vs_original"] is True and w5["original"]["median_us"] > 0
+    reasons = [r["reason"] for r in data["rows"] if r["variant"] == "skipped"]
+    assert any("CUDA graph" in r for r in reasons)  # said, not silently dropped
+    md = (results / "dry-run-cpu.md").read_text()
+    assert "## Suite (bench/gpu_suite.sh)" in md and "all phases ran" in md
+    assert "| bench |" in md and "| plot |" in md
+    assert (results / "dry-run-cpu-W1-W5.png").exists()
+    assert sorted(os.listdir(os.path.join(HERE, "results"))) == before
+
+
+def test_a_variant_that_is_not_bitwise_makes_the_run_not_count(monkeypatch):
+    """gpu_bench records a broken bitwise check as a problem (the script then exits 1)."""
+    import torch
+
+    import gpu_bench
+
+    monkeypatch.setattr(gpu_bench, "ROWS", [])
+    monkeypatch.setattr(gpu_bench, "PROBLEMS", [])
+    calls = [0]
+
+    def drifting_field(*, x, t):  # not deterministic: every call differs
+        calls[0] += 1
+        return torch.full_like(x, float(calls[0]))
+
+    gpu_bench.bench_workload("drift", (4, 2), 2, drifting_field, 3, 2, gpu_bench.DRY,
+                             names=("original", "ours-torch"))
+    assert gpu_bench.PROBLEMS == ["drift: ours-torch not bitwise to original"]
+    rows = {r["variant"]: r for r in gpu_bench.ROWS if r["workload"] == "drift"}
+    assert rows["ours-torch"]["bitwise_vs_original"] is False
