@@ -37,6 +37,7 @@ import workloads as W  # noqa: E402
 from flowmatch_fast import FlowMatching, backends  # noqa: E402
 from flowmatch_fast._original import original_sample  # noqa: E402
 from flowmatch_fast.kernels.reference import TimeGrid  # noqa: E402
+from flowmatch_fast.timing import Timing, synchronize, time_interleaved  # noqa: E402
 
 ROWS: list = []
 PROBLEMS: list = []  # failed sections and bitwise checks that did not hold: the run does not count
@@ -63,9 +64,9 @@ DRY = Sizes("cpu", (2,), (4, (3, 8, 8), 3), (4, 5), "small", (2,), 20, 0)
 
 
 def row(workload, variant, timing=None, **extra):
-    """Record one result; ``timing`` is a ``W.Timing``, plain seconds, or ``None``."""
+    """Record one result; ``timing`` is a ``Timing``, plain seconds, or ``None``."""
     r = {"workload": workload, "variant": variant, "median_us": None}
-    if isinstance(timing, W.Timing):
+    if isinstance(timing, Timing):
         r.update(median_us=timing.median * 1e6, p10_us=round(timing.p10 * 1e6, 1),
                  p90_us=round(timing.p90 * 1e6, 1))
     elif timing is not None:
@@ -158,7 +159,7 @@ def _bitwise(fn, ref_fn, seed=1234):
 def copy_bandwidth(numel, reps, device):
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    tm = W.time_interleaved({"copy": lambda: dst.copy_(src)}, device, reps)["copy"]
+    tm = time_interleaved({"copy": lambda: dst.copy_(src)}, device, reps)["copy"]
     gbs = 2 * numel * 4 / tm.median / 1e9
     row(f"copy-{numel * 4 / 1e6:.3g}MB", "torch copy_", tm, GBps=round(gbs, 1))
     return gbs
@@ -197,10 +198,10 @@ def bench_kernel_alone(sz, reps, copy_gbs):
             fns = {"eager": fn}
             if on_cuda:
                 fns["graph10"] = W.graph_of(fn, 10)
-            tms = W.time_interleaved(fns, device, reps)
+            tms = time_interleaved(fns, device, reps)
             eager = tms["eager"]
             if on_cuda:
-                tm = W.Timing(*(v / 10 for v in tms["graph10"]))
+                tm = Timing(*(v / 10 for v in tms["graph10"]))
                 gbs = nbytes / tm.median / 1e9
                 row(label, name, tm, GBps=round(gbs, 1), pct_of_copy=round(100 * gbs / copy_gbs, 1),
                     eager_us=round(eager.median * 1e6, 1))
@@ -221,12 +222,12 @@ def bench_launch_overhead(sz):
         step = backends.resolve(name, device).euler_step
         for _ in range(100):
             step(x, v, grid, 1, out)
-        W.synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(sz.launch_calls):
             step(x, v, grid, 1, out)
         host = (time.perf_counter() - t0) / sz.launch_calls
-        W.synchronize(device)
+        synchronize(device)
         row("launch-overhead-b6", name, host, note="host seconds per euler_step call")
 
 
@@ -294,7 +295,7 @@ def bench_workload(label, x_dims, batch, field, steps, reps, sz, names=W.VARIANT
     # bitwise first (before timing: a broken variant is reported even when timing it would fail)
     status = {name: _bitwise(fns[name], fns[ref]) for name, ref in refs.items()}
     status.update({name: _bitwise(fns[name], fns["original"]) for name in peers if name in fns})
-    timings = W.time_interleaved(fns, device, reps)
+    timings = time_interleaved(fns, device, reps)
     for name, tm in timings.items():
         extra = {}
         if name in status:

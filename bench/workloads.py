@@ -14,9 +14,7 @@ The baseline everywhere is the original loop, kept verbatim in ``flowmatch_fast.
 from __future__ import annotations
 
 import math
-import statistics
 import time
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -25,6 +23,8 @@ from expert import CONFIGS as W5_CONFIGS
 from expert import ActionExpert
 from flowmatch_fast import FlowMatching
 from flowmatch_fast._original import original_sample
+from flowmatch_fast.graph import capture_callable
+from flowmatch_fast.timing import synchronize, time_interleaved
 
 ALPAMAYO_DIMS = (64, 2)
 W1_BATCHES = (1, 6, 48)
@@ -70,63 +70,6 @@ class StoredField:
 
     def __call__(self, *, x, t):
         return self.v
-
-
-def synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Timing(NamedTuple):
-    """Seconds per call: the median and the 10th / 90th percentiles (the spread beside it)."""
-
-    median: float
-    p10: float
-    p90: float
-
-
-def _timing(times):
-    if len(times) < 2:
-        return Timing(times[0], times[0], times[0])
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return Timing(statistics.median(times), q[0], q[-1])
-
-
-def time_interleaved(fns, device, reps=100, rounds=5, warmup=3):
-    """``{name: Timing}`` of each zero-argument callable, the variants interleaved.
-
-    Every variant is warmed up, then ``rounds`` rounds each time ``reps // rounds`` calls of every
-    variant in turn (the order rotating per round), so a clock or thermal drift during the run
-    spreads over all variants instead of favouring the last ones. Each call is timed alone: CUDA
-    events on a GPU, the host clock (after a synchronisation) elsewhere.
-    """
-    on_cuda = torch.device(device).type == "cuda"
-    names = list(fns)
-    rounds = min(rounds, reps)
-    for name in names:
-        for _ in range(min(warmup, max(1, reps // 3))):
-            fns[name]()
-    synchronize(device)
-    per_round = max(1, reps // rounds)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn = fns[name]
-            if on_cuda:
-                events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                          for _ in range(per_round)]
-                for start, end in events:
-                    start.record()
-                    fn()
-                    end.record()
-                torch.cuda.synchronize()
-                times[name] += [s.elapsed_time(e) / 1e3 for s, e in events]
-            else:
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t0)
-    return {name: _timing(ts) for name, ts in times.items()}
 
 
 def cuda_time(fn, warmup=10, reps=100):
@@ -196,32 +139,19 @@ def sampler_variants(x_dims, batch, field, device, steps, return_all_steps=False
     return out
 
 
-def _capture(fn, warmup=2):
-    """``fn()`` captured in a CUDA graph after ``warmup`` calls on a side stream: (graph, output)."""
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad():
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph):
-            out = fn()
-    return graph, out
-
-
+@torch.no_grad()
 def graph_of(fn, times):
     """``times`` calls of ``fn`` captured in one CUDA graph; returns the replay function."""
-    graph, _ = _capture(lambda: [fn() for _ in range(times)])
+    graph, _ = capture_callable(lambda: [fn() for _ in range(times)])
     return graph.replay
 
 
+@torch.no_grad()
 def field_floor(field, batch, x_dims, device, steps):
     """The field's own kernels, ``steps`` calls captured alone in one graph (no noise, no update)."""
     x = torch.randn(batch, *x_dims, device=device)
     ts = [torch.full((batch,) + (1,) * len(x_dims), i / steps, device=device) for i in range(steps)]
-    graph, _ = _capture(lambda: [field(x=x, t=t) for t in ts])
+    graph, _ = capture_callable(lambda: [field(x=x, t=t) for t in ts], device)
     return graph.replay
 
 
@@ -230,10 +160,11 @@ class PerForwardGraph:
     buffers, copied into), with the loop and its updates eager: the approach of alpamayo1.5 PR
     #36, built here as the baseline between the eager loop and a captured whole loop."""
 
+    @torch.no_grad()
     def __init__(self, field, shape, device):
         self.x = torch.zeros(shape, device=device)
         self.t = torch.zeros(shape[0], *[1] * (len(shape) - 1), device=device)
-        self.graph, self.v = _capture(lambda: field(x=self.x, t=self.t))
+        self.graph, self.v = capture_callable(lambda: field(x=self.x, t=self.t), device)
 
     def __call__(self, *, x, t):
         self.x.copy_(x)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from typing import Callable, Optional, Union
@@ -25,6 +24,7 @@ import torch
 from ._original import original_sample
 from .demo_toy import DATASETS, VelocityMLP, mmd_rbf, plot_demo, sliced_wasserstein, toy_data
 from .flow_matching import FlowMatching
+from .timing import time_interleaved
 
 X_DIMS = (2,)
 
@@ -39,30 +39,12 @@ DEFAULT_PNG = "flowmatch_demo.png"
 
 
 # ---------------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_calls(fns, device: torch.device, repeats: int, warmup: int = 2):
-    """Median wall time in seconds of each ``fn()`` in ``fns``, over ``repeats`` calls each.
-
-    The calls are interleaved (one of each per round, the order rotating every round), so a
-    machine that slows down or speeds up during the measurement affects every function alike.
-    """
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    _sync(device)
-    times = [[] for _ in fns]
-    for r in range(repeats):
-        for j in range(len(fns)):
-            k = (j + r) % len(fns)
-            start = time.perf_counter()
-            fns[k]()
-            _sync(device)
-            times[k].append(time.perf_counter() - start)
-    return [statistics.median(ts) for ts in times]
+    """Median seconds of each ``fn()`` in ``fns``, over ``repeats`` calls each, interleaved one
+    call of each per round (:func:`flowmatch_fast.timing.time_interleaved`)."""
+    timings = time_interleaved(dict(enumerate(fns)), device, repeats, rounds=repeats,
+                               warmup=warmup)
+    return [t.median for t in timings.values()]
 
 
 def _fmt_time(seconds: Optional[float]) -> str:

@@ -87,13 +87,8 @@ class CapturedSampler:
             self.graph.register_generator_state(generator)
         with torch.cuda.device(self.device):
             rng_state = _rng_state(self.device, generator)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
             try:
-                with torch.cuda.stream(side):  # warm-up: JIT compiles, handles, allocator
-                    for _ in range(warmup):
-                        run()
-                torch.cuda.current_stream(self.device).wait_stream(side)
+                side = warm_up(run, self.device, warmup)
                 # Capture draws nothing from the generator now, so restoring its state keeps the
                 # first replay on the same noise as the next eager call would have drawn.
                 _set_rng_state(self.device, generator, rng_state)
@@ -129,6 +124,33 @@ def _set_rng_state(device, generator, state):
         generator.set_state(state)
     else:
         torch.cuda.set_rng_state(state, device)
+
+
+def warm_up(fn: Callable, device, warmup: int) -> torch.cuda.Stream:
+    """Call ``fn()`` ``warmup`` times on a new side stream of ``device`` (JIT compiles, cuBLAS
+    handles and allocator blocks happen here, never inside a capture); the device's current
+    stream then waits for it. Returns the side stream, for the capture that follows."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    return side
+
+
+def capture_callable(fn: Callable, device=None, warmup: int = 2, pool=None):
+    """``fn()`` captured in a new ``torch.cuda.CUDAGraph`` after ``warmup`` calls on a side
+    stream: ``(graph, output)``; ``graph.replay()`` reruns it into ``output``'s buffers.
+
+    ``device``: a CUDA device (the current one when None); ``pool``: a memory pool handle shared
+    with other graphs. An exception raised by ``fn`` during the capture is re-raised as it is.
+    """
+    device = cuda_device("cuda" if device is None else device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.device(device):
+        side = warm_up(fn, device, warmup)
+        return graph, _capture(graph, fn, pool, side)
 
 
 def _capture(graph, run, pool, stream):

@@ -49,12 +49,21 @@ def pytest_terminal_summary(terminalreporter):
         write(f"flowmatch_fast: {count} skipped: {reason.removeprefix('Skipped: ')}")
 
 
-def _cuda_available():
-    return torch.cuda.is_available()
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """The one GPU skip: ``@pytest.mark.gpu`` skips without a CUDA device,
+    ``@pytest.mark.gpu(devices=2)`` without two. Asked at setup, never at import."""
+    marker = item.get_closest_marker("gpu")
+    if marker is None:
+        return
+    devices = marker.kwargs.get("devices", 1)
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if torch.cuda.device_count() < devices:
+        pytest.skip(f"needs {devices} CUDA devices")
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request):
-    if request.param == "cuda" and not _cuda_available():
-        pytest.skip("needs a CUDA device")
+    """Each test that takes it runs on CPU, and on a CUDA device (``gpu``: skipped without one)."""
     return torch.device(request.param)

@@ -10,10 +10,6 @@ from flowmatch_fast import FlowMatching, flow_matching
 from flowmatch_fast.alpamayo1_5 import FlowMatching as FlowMatching1_5
 from oracle import spec_sample, spec_sample_1_5
 
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA device")
-needs_two_gpus = pytest.mark.skipif("torch.cuda.device_count() < 2", reason="needs two CUDA devices")
-
 
 def field(*, x, t):
     return torch.sin(x) + t
@@ -151,8 +147,7 @@ def test_explicit_triton_on_a_machine_without_cuda():
         FlowMatching(x_dims=2, backend="triton").sample(2, field, device="cuda")
 
 
-@gpu
-@needs_cuda
+@pytest.mark.gpu
 def test_timesteps_noise_and_generator_on_the_current_device_with_device_cuda():
     fm = FlowMatching(x_dims=(3, 2))
     here = torch.device("cuda", torch.cuda.current_device())
@@ -165,9 +160,7 @@ def test_timesteps_noise_and_generator_on_the_current_device_with_device_cuda():
     fm.sample(2, field, device="cuda", generator=gen)
 
 
-@gpu
-@needs_cuda
-@needs_two_gpus
+@pytest.mark.gpu(devices=2)
 def test_tensors_and_generators_on_another_index_are_refused():
     fm = FlowMatching(x_dims=(3, 2))
     with torch.cuda.device(0):

@@ -1,7 +1,7 @@
 """``torch.compile(fullgraph=True)`` of a function that calls ``sample`` traces through it.
 
-The fused kernels are registered ops (``torch.library.triton_op`` / ``custom_op`` with fake
-implementations), and backend resolution is a trace-time constant. On CPU the compiled graph
+The fused kernels, Triton and CUDA alike, are ``torch.library.custom_op``s with fake
+implementations (opaque to the trace), and backend resolution is a trace-time constant. On CPU the compiled graph
 runs with the ``eager`` compile backend (Inductor cannot call a Triton kernel on CPU tensors); on
 a GPU with Inductor itself.
 """
@@ -114,8 +114,6 @@ def test_capture_of_a_compiled_field_compiles_in_warm_up_and_replays_bitwise():
     """``fm.capture(B, torch.compile(field))``: the first compile happens in the warm-up (no graph
     is compiled inside the capture, none after), and a replay equals the original loop with the
     same compiled field."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     from torch._dynamo.utils import counters
 
     compiled = _compiled_field("cuda")
@@ -132,8 +130,6 @@ def test_capture_of_a_compiled_field_compiles_in_warm_up_and_replays_bitwise():
 @pytest.mark.gpu
 def test_cached_graph_of_a_compiled_field_is_bitwise_the_original_loop_with_it():
     """``sample(..., cuda_graph=True)`` with a compiled field: captured once, replayed, bitwise."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     compiled = _compiled_field("cuda")
     fm = FlowMatching(x_dims=(16, 2), num_inference_steps=4)
     want = _original(compiled, "cuda")

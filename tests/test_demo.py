@@ -219,7 +219,6 @@ def test_train_field_with_zero_steps_leaves_the_initial_weights():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_demo_on_cuda_times_the_captured_sampler(tmp_path):
     r = run_demo(device="cuda", train_steps=50, num_samples=256, repeats=2, progress=False,
                  out=None, log=lambda _: None)

@@ -234,16 +234,13 @@ def test_key_of_the_1_5_class_sees_temperature_and_the_mix_weight_by_bits():
 
 
 # ----------------------------------------------------------------------------- GPU
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA device")
 
 
 def smooth_field(*, x, t):
     return torch.sin(1.7 * x) - 0.5 * x * t
 
 
-@gpu
-@needs_cuda
+@pytest.mark.gpu
 def test_fresh_fields_and_nan_weights_on_a_gpu():
     fm = FlowMatching(x_dims=(64, 2), cuda_graph=True)
     for _ in range(4):
@@ -255,8 +252,7 @@ def test_fresh_fields_and_nan_weights_on_a_gpu():
     assert fm.graph_stats.captures == 1 and fm.graph_stats.replays == 1
 
 
-@gpu
-@needs_cuda
+@pytest.mark.gpu
 def test_threads_sharing_one_sampler_get_their_own_results():
     fm = FlowMatching(x_dims=(64, 2), cuda_graph=True, max_graphs=2)
     # Captures run in CUDA's global capture mode, where other threads' CUDA calls fail: capture

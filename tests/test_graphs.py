@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from flowmatch_fast import FlowMatching
-
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA device")
+from flowmatch_fast.graph import capture_callable
 
 
 def test_graph_options_on_cpu():
@@ -44,8 +42,7 @@ def _mlp_field(dims, device, dtype=torch.bfloat16, hidden=256, seed=0):
     return field
 
 
-@gpu
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("return_all_steps", [False, True])
 def test_replay_is_bitwise_eager(backend, return_all_steps):
@@ -71,12 +68,17 @@ def test_replay_is_bitwise_eager(backend, return_all_steps):
     assert not torch.equal(a, b2), "each replay must draw fresh noise"
 
 
-@gpu
-@needs_cuda
-def test_replays_keep_memory_flat_and_static_output():
+@pytest.fixture
+def w1_capture():
+    """(sampler, field, ``fm.capture(6, field)``) at Alpamayo's shape (64, 2), bf16 MLP field."""
     fm = FlowMatching(x_dims=(64, 2))
     field = _mlp_field((64, 2), "cuda")
-    sampler = fm.capture(6, field, device="cuda")
+    return fm, field, fm.capture(6, field, device="cuda")
+
+
+@pytest.mark.gpu
+def test_replays_keep_memory_flat_and_static_output(w1_capture):
+    _, _, sampler = w1_capture
     for _ in range(10):
         sampler()
     torch.cuda.synchronize()
@@ -90,12 +92,9 @@ def test_replays_keep_memory_flat_and_static_output():
     assert static is sampler.outputs
 
 
-@gpu
-@needs_cuda
-def test_conditioning_updated_in_place_between_replays():
-    fm = FlowMatching(x_dims=(64, 2))
-    field = _mlp_field((64, 2), "cuda")
-    sampler = fm.capture(6, field, device="cuda")
+@pytest.mark.gpu
+def test_conditioning_updated_in_place_between_replays(w1_capture):
+    fm, field, sampler = w1_capture
     for value in (0.0, 0.5, -1.0):
         field.cond.fill_(value)
         torch.manual_seed(7)
@@ -104,8 +103,7 @@ def test_conditioning_updated_in_place_between_replays():
         assert torch.equal(sampler(), eager)
 
 
-@gpu
-@needs_cuda
+@pytest.mark.gpu
 def test_automatic_cache_bound_and_stats():
     fm = FlowMatching(x_dims=(64, 2), cuda_graph=True, max_graphs=2)
     field = _mlp_field((64, 2), "cuda")
@@ -122,8 +120,7 @@ def test_automatic_cache_bound_and_stats():
     assert len(fm.graph_cache) == 0
 
 
-@gpu
-@needs_cuda
+@pytest.mark.gpu
 def test_exception_during_capture_propagates_and_next_call_works():
     class FieldError(Exception):
         pass
@@ -148,8 +145,7 @@ def test_exception_during_capture_propagates_and_next_call_works():
     assert torch.equal(got, fm.sample(6, field, device="cuda", cuda_graph=False))
 
 
-@gpu
-@needs_cuda
+@pytest.mark.gpu
 def test_sample_inside_a_user_graph_and_without_host_syncs():
     fm = FlowMatching(x_dims=(64, 2), cuda_graph=True)
     field = _mlp_field((64, 2), "cuda")
@@ -161,14 +157,9 @@ def test_sample_inside_a_user_graph_and_without_host_syncs():
         fm.sample(6, field, device="cuda", return_all_steps=True, cuda_graph=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fm.sample(6, field, device="cuda", cuda_graph=False)
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        out = fm.sample(6, field, device="cuda")  # cuda_graph=True is bypassed while capturing
+    # cuda_graph=True is bypassed while capturing: the warm-up call is the signature's first
+    # (eager), so the captured call would be the one the cache captures on
+    g, out = capture_callable(lambda: fm.sample(6, field, device="cuda"), "cuda", warmup=1)
     assert fm.graph_stats.captures == 0 and len(fm.graph_cache) == 0
     torch.manual_seed(11)
     g.replay()
@@ -176,8 +167,7 @@ def test_sample_inside_a_user_graph_and_without_host_syncs():
     assert torch.equal(out, fm.sample(6, field, device="cuda", cuda_graph=False))
 
 
-@gpu
-@needs_cuda
+@pytest.mark.gpu
 def test_capture_with_methods_guidance_grid_noise_and_generator():
     fm = FlowMatching(x_dims=(64, 2))
     field = _mlp_field((64, 2), "cuda")

@@ -10,10 +10,6 @@ from flowmatch_fast import FlowMatching, backends
 from flowmatch_fast.kernels import triton_euler
 from flowmatch_fast.kernels.reference import TimeGrid
 
-gpu = pytest.mark.gpu
-needs_two_gpus = pytest.mark.skipif("torch.cuda.device_count() < 2",
-                                    reason="needs two CUDA devices")
-
 
 class Recorder:
     """Replaces the launch guard and the kernels: records each launch and the guard it ran in."""
@@ -73,8 +69,7 @@ def _field(*, x, t):
     return torch.sin(1.7 * x) - 0.5 * x * t
 
 
-@gpu
-@needs_two_gpus
+@pytest.mark.gpu(devices=2)
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("method", ["euler", "rk4"])
 def test_sampling_on_a_device_that_is_not_current(backend, method):

@@ -174,6 +174,12 @@ def test_shift():
     assert grid[1] < 0.1 / 2, "shift > 1 must spend more steps near the noise end"
 
 
+def _refused(x_dims, exc, match, **kwargs):
+    """``sample(2, field, **kwargs)`` of a sampler of ``x_dims`` raises ``exc`` matching ``match``."""
+    with pytest.raises(exc, match=match):
+        FlowMatching(x_dims=x_dims).sample(2, lambda *, x, t: x, **kwargs)
+
+
 @pytest.mark.parametrize("bad, match", [
     ([0.0, 0.5, 0.4, 1.0], "strictly increasing"),
     ([0.1, 0.5, 1.0], "start at 0 and end at 1"),
@@ -184,20 +190,14 @@ def test_shift():
     (torch.linspace(0, 1, 3, device="meta"), "expected the sampling device"),
 ])
 def test_bad_timesteps(bad, match):
-    fm = FlowMatching(x_dims=2)
-    with pytest.raises(ValueError, match=match):
-        fm.sample(2, lambda *, x, t: x, timesteps=bad)
+    _refused(2, ValueError, match, timesteps=bad)
 
 
 def test_timesteps_and_steps_must_agree():
-    fm = FlowMatching(x_dims=2)
-    with pytest.raises(ValueError, match="must agree"):
-        fm.sample(2, lambda *, x, t: x, timesteps=[0.0, 0.5, 1.0], inference_step=3)
-    with pytest.raises(ValueError, match="not both"):
-        fm.sample(2, lambda *, x, t: x, timesteps=[0.0, 1.0], shift=2.0)
+    _refused(2, ValueError, "must agree", timesteps=[0.0, 0.5, 1.0], inference_step=3)
+    _refused(2, ValueError, "not both", timesteps=[0.0, 1.0], shift=2.0)
     for shift in (0, -1.0, float("nan"), float("inf"), True):
-        with pytest.raises(ValueError, match="shift"):
-            fm.sample(2, lambda *, x, t: x, shift=shift)
+        _refused(2, ValueError, "shift", shift=shift)
 
 
 # ----------------------------------------------------------------------------- noise, generator
@@ -237,17 +237,12 @@ def test_noise_euler_matches_oracle(device):
     ([[0.0] * 4] * 2, TypeError, "torch.Tensor"),
 ])
 def test_bad_noise(noise, exc, match):
-    fm = FlowMatching(x_dims=4)
-    with pytest.raises(exc, match=match):
-        fm.sample(2, lambda *, x, t: x, noise=noise)
+    _refused(4, exc, match, noise=noise)
 
 
 def test_bad_generator():
-    fm = FlowMatching(x_dims=4)
-    with pytest.raises(TypeError, match="torch.Generator"):
-        fm.sample(2, lambda *, x, t: x, generator=123)
-    with pytest.raises(ValueError, match="not both"):
-        fm.sample(2, lambda *, x, t: x, generator=torch.Generator(), noise=torch.zeros(2, 4))
+    _refused(4, TypeError, "torch.Generator", generator=123)
+    _refused(4, ValueError, "not both", generator=torch.Generator(), noise=torch.zeros(2, 4))
 
 
 @pytest.mark.parametrize("method", METHODS)

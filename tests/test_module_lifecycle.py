@@ -12,9 +12,6 @@ from flowmatch_fast import FlowMatching
 from flowmatch_fast.alpamayo1_5 import FlowMatching as FlowMatching1_5
 from oracle import spec_sample, spec_sample_1_5
 
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA device")
-
 
 class Policy(torch.nn.Module):
     """A model that holds the sampler next to its expert, as Alpamayo's does."""
@@ -63,8 +60,7 @@ def test_copies_sample_bitwise_and_start_with_an_empty_cache(how):
     assert model.diffusion.graph_stats.first_calls == 7  # the original's cache is untouched
 
 
-@gpu
-@needs_cuda
+@pytest.mark.gpu
 def test_deepcopy_of_a_sampler_with_cached_graphs():
     model = Policy(cuda_graph=True).cuda()
     for _ in range(3):
