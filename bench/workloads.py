@@ -73,8 +73,8 @@ class StoredField:
 
 
 def cuda_time(fn, warmup=10, reps=100):
-    """(median, 10th percentile) seconds of one callable on the GPU (kept for sections that time a
-    single variant; :func:`time_interleaved` is the one to use for side-by-side variants)."""
+    """(median, 10th percentile) seconds of one callable on the GPU, for a section that times one
+    variant at a time (side-by-side variants: :func:`time_interleaved`)."""
     tm = time_interleaved({"fn": fn}, "cuda", reps, rounds=1, warmup=warmup)["fn"]
     return tm.median, tm.p10
 
@@ -82,8 +82,8 @@ def cuda_time(fn, warmup=10, reps=100):
 def warm_up_device(device, seconds=2.0):
     """Busy the GPU for ``seconds`` (bf16 matmuls) so the first timed workload meets raised clocks.
 
-    The first run's eager original at batch 1 (3,761 us) came out slower than at batch 6 (2,180
-    us): a cold GPU. On CPU: nothing.
+    A cold H200 times W1's eager original at batch 1 at 3,761 us, slower than batch 6 (2,180 us)
+    on the warmed GPU: 2 s of matmuls is the margin against that. On CPU: nothing.
     """
     if torch.device(device).type != "cuda":
         return
@@ -294,7 +294,7 @@ def method_variants(kind, x_dims, batch, field, device, steps, weight=2.5):
 
 
 def _methods_section(row, reps, device="cuda"):
-    """rk4 and guided Euler, fused vs the same method in plain torch (issue: beyond Euler)."""
+    """rk4 and guided Euler, fused vs the same method in plain torch."""
     big = W2_BATCH if torch.device(device).type == "cuda" else 8  # the 50 MB state on a GPU
     mb = f"{big * math.prod(W2_DIMS) * 4 / 1e6:.3g}MB"
     cases = [

@@ -20,7 +20,7 @@ from flowmatch_fast._original import original_sample
 from flowmatch_fast.demo import mmd_rbf, run_demo, sliced_wasserstein
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MIN_RATIO = 3.0  # the bar: samples at least 3x closer to the data than the noise is
+MIN_RATIO = 3.0  # the demo's bar: samples at least 3x closer to the data than the noise is
 
 
 def _check_png(path: Path) -> None:
