@@ -81,3 +81,19 @@ def test_w3_trajectories(run_benchmark, device, variant):
     field = W.StoredField(48, W.ALPAMAYO_DIMS, device)
     _run(run_benchmark, f"W3-{device.type}-b48-100steps-all", variant, W.ALPAMAYO_DIMS, 48, field,
          device, W.W3_STEPS, all_steps=True, rounds=20)
+
+
+# -------------------------------------------------- Alpamayo 1.5: guided W1 (two fields, B = 6)
+@pytest.mark.parametrize("variant", W.V1_5_VARIANTS)
+def test_v1_5_guided_w1(run_benchmark, device, variant):
+    """Eager original vs ours eager vs ours captured; ours is bitwise the original first."""
+    fn = W.v1_5_variant(variant, device)
+    if not callable(fn):
+        pytest.skip(fn)
+    if variant != "original":
+        results = []
+        for f in (W.v1_5_variant("original", device), fn):
+            torch.manual_seed(0)
+            results.append(f())
+        assert torch.equal(*results)
+    run_benchmark(f"W1-1.5-guided-{device.type}-b{W.V1_5_BATCH}", variant, fn, device)

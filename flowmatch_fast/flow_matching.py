@@ -55,7 +55,170 @@ def _same_device(actual: torch.device, device: torch.device) -> bool:
     return actual.type == device.type and index(actual) == index(device)
 
 
-class FlowMatching(BaseDiffusion):
+class Sampling:
+    """The sampling machinery both ``FlowMatching`` classes share (a mixin of their modules):
+    validation and planning, the integration call, the bounded CUDA-graph cache, ``capture``.
+
+    The classes keep their own public signatures and delegate here; ``guidance`` in a plan is
+    ``None``, ``"batch"`` (our R1 extra: one field on the doubled batch) or ``"mix"`` (Alpamayo
+    1.5: a second, unguided field).
+    """
+
+    def _init_sampling(self, int_method, num_inference_steps, backend, cuda_graph,
+                       max_graphs) -> None:
+        """Validate and keep the options both classes share (their attributes of those names)."""
+        if int_method not in INT_METHODS:
+            raise ValueError(f"int_method must be one of {INT_METHODS}; got {int_method!r}")
+        _check_positive_int("num_inference_steps", num_inference_steps)
+        self.int_method = int_method
+        self.num_inference_steps = num_inference_steps
+        self.backend = backends.check_backend_name(backend)
+        self.cuda_graph = _check_bool("cuda_graph", cuda_graph)
+        self._graphs = GraphCache(max_graphs)
+        self._warned_not_cuda = False
+
+    def _plan(self, batch_size, device, return_all_steps=False, inference_step=None,
+              int_method=None, *, guidance=None, weight=1.0, temperature=1.0, timesteps=None,
+              shift=None, noise=None, generator=None, captured=False) -> "_Plan":
+        """Validate one call's arguments and resolve everything that must be known up front
+        (``weight``: already checked by the class, read only under ``guidance``)."""
+        batch_size = _check_positive_int("batch_size", batch_size, minimum=0)
+        device = _sampling_device(device)
+        method = self.int_method if int_method is None else int_method
+        if method not in INT_METHODS:
+            raise ValueError(f"int_method must be one of {INT_METHODS}; got {method!r}")
+        if timesteps is not None:
+            if shift is not None:
+                raise ValueError("give either timesteps= or shift=, not both")
+            grid_values, grid_key = _check_timesteps(timesteps, device)
+            steps = grid_values.numel() - 1
+            if inference_step is not None and as_int("inference_step", inference_step) != steps:
+                raise ValueError(f"inference_step={inference_step} but timesteps has {steps + 1} "
+                                 f"entries ({steps} steps); they must agree")
+        else:
+            grid_values = grid_key = None
+            steps = self.num_inference_steps if inference_step is None else inference_step
+            steps = _check_positive_int("inference_step", steps)
+        if shift is not None:
+            if (isinstance(shift, bool) or not isinstance(shift, numbers.Real)
+                    or not math.isfinite(shift) or not shift > 0):
+                raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+            shift = None if shift == 1 else float(shift)
+            if shift is not None:
+                _check_shifted_grid(steps, shift)
+        temperature = _check_real("temperature", temperature)
+        if noise is not None:
+            if generator is not None:
+                raise ValueError("give either noise= or generator=, not both (noise draws nothing)")
+            _check_noise(noise, (batch_size, *self.x_dims), device)
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            if not _same_device(generator.device, device):
+                raise ValueError(f"generator is on {generator.device}; expected one on the "
+                                 f"sampling device {device}")
+        numel = batch_size * math.prod(self.x_dims)
+        backend = backends.resolve(self.backend, device, numel, captured)
+        return _Plan(batch_size, device, tuple(self.x_dims), steps, method,
+                     bool(return_all_steps), backend, guidance, weight if guidance else 1.0,
+                     temperature, grid_values, grid_key, shift, noise, generator)
+
+    def _run(self, plan: "_Plan", step_fn, unguided_fn=None):
+        """The eager sampling call (also what a CUDA graph captures)."""
+        if plan.noise is not None:
+            x = plan.noise
+        else:
+            x = torch.randn(plan.batch_size, *plan.x_dims, device=plan.device,
+                            generator=plan.generator)
+        if plan.temperature != 1.0:  # a separate float32 op, as Alpamayo 1.5; x * 1.0 == x bitwise
+            x = x * plan.temperature
+        if plan.grid_values is not None:
+            values = plan.grid_values
+        else:
+            values = torch.linspace(0.0, 1.0, plan.steps + 1, device=plan.device)
+            if plan.shift is not None:
+                values = shifted_grid(values, plan.shift)
+        batched = plan.guidance == "batch"
+        grid = TimeGrid(values, 2 * plan.batch_size if batched else plan.batch_size, x.dim())
+        trajectory = Trajectory(x, plan.steps) if plan.return_all_steps else None
+        x = integrate(plan.method, x, grid, step_fn, plan.backend, trajectory, batched,
+                      plan.weight, unguided_fn if plan.guidance == "mix" else None)
+        if plan.return_all_steps:
+            return trajectory.states, values
+        return x
+
+    def _sample(self, fields: tuple, batch_size, device, cuda_graph, **plan_args):
+        """``sample``'s body: eager, or through the graph cache keyed on every field's identity
+        (``fields``: the fields the plan calls, guided first; each watched for eviction) and
+        the plan."""
+        use_graph = self.cuda_graph if cuda_graph is None else _check_bool("cuda_graph", cuda_graph)
+        device = _sampling_device(device)
+        on_cuda = device.type == "cuda"
+        in_user_graph = on_cuda and not torch.compiler.is_compiling() and _capturing(device)
+        # The cache serves CUDA calls outside the caller's own capture, and not noise=/generator=:
+        # a cached graph would read a tensor or generator the caller may drop (explicit
+        # capture(noise=..., generator=...) keeps them alive instead).
+        graph_wanted = use_graph and on_cuda and not in_user_graph
+        cacheable = (graph_wanted and plan_args.get("noise") is None
+                     and plan_args.get("generator") is None)
+        plan = self._plan(batch_size, device, captured=in_user_graph or cacheable, **plan_args)
+        run = functools.partial(self._run, plan, *fields)
+        if use_graph and not on_cuda and not self._warned_not_cuda:
+            self._warned_not_cuda = True
+            warn_not_cuda(plan.device)
+        if not cacheable:
+            if graph_wanted:  # noise= or generator= given
+                self._graphs.count_eager_fallback()
+            return run()
+        fkeys, watches = zip(*(field_key(f) for f in fields))
+        graph_device = cuda_device(plan.device)
+        pool, order = self._graphs.pool(graph_device)
+        return self._graphs.call((*fkeys, plan.key()), watches, lambda: CapturedSampler(
+            run, graph_device, pool=pool, order=order, keep_alive=False,
+            static_inputs=(plan.grid_values,)), run)
+
+    def _capture(self, fields: tuple, batch_size, device, warmup, **plan_args):
+        """``capture``'s body: one sampling call captured in a CUDA graph."""
+        device = _sampling_device(device)
+        if device.type != "cuda":
+            raise RuntimeError(
+                f"FlowMatching.capture needs a CUDA device; got {str(device)!r}. "
+                "On CPU, call FlowMatching.sample (eager) instead."
+            )
+        plan = self._plan(batch_size, device, captured=True, **plan_args)
+        run = functools.partial(self._run, plan, *fields)
+        return CapturedSampler(run, plan.device, warmup=warmup, generator=plan.generator)
+
+    @property
+    def graph_stats(self):
+        """Counters of the automatic CUDA-graph cache: captures, replays, eager_fallbacks, ..."""
+        return self._graphs.stats
+
+    @property
+    def graph_cache(self) -> GraphCache:
+        return self._graphs
+
+    def clear_cuda_graphs(self) -> None:
+        """Drop every cached graph (their memory returns to PyTorch's allocator)."""
+        self._graphs.clear()
+
+
+def _batch_guidance(guidance, guidance_weight, default_weight) -> dict:
+    """The R1 class's ``guidance=`` / ``guidance_weight=`` as plan arguments."""
+    guidance = _check_bool("guidance", guidance)
+    if guidance_weight is not None:
+        weight = _check_real("guidance_weight", guidance_weight)
+        if not guidance:
+            raise ValueError("guidance_weight= needs guidance=True (the doubled-batch field "
+                             "protocol)")
+    elif guidance:  # the original never reads inference_guidance_weight: only guidance does
+        weight = _check_real("inference_guidance_weight", default_weight)
+    else:
+        return dict(guidance=None)
+    return dict(guidance="batch", weight=weight)
+
+
+class FlowMatching(Sampling, BaseDiffusion):
     """Flow-matching sampler, a drop-in replacement for Alpamayo-R1's ``FlowMatching``.
 
     Positional arguments keep the original order; our own options are keyword-only:
@@ -81,23 +244,15 @@ class FlowMatching(BaseDiffusion):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        if int_method not in INT_METHODS:
-            raise ValueError(f"int_method must be one of {INT_METHODS}; got {int_method!r}")
+        self._init_sampling(int_method, num_inference_steps, backend, cuda_graph, max_graphs)
         if train_timestep_sampler not in TIMESTEP_SAMPLERS:
             raise ValueError(
                 f"train_timestep_sampler must be one of {TIMESTEP_SAMPLERS}; "
                 f"got {train_timestep_sampler!r}"
             )
-        _check_positive_int("num_inference_steps", num_inference_steps)
-        self.int_method = int_method
         self.train_timestep_sampler = train_timestep_sampler
-        self.num_inference_steps = num_inference_steps
         self.train_ignore_guidance_rate = train_ignore_guidance_rate
         self.inference_guidance_weight = inference_guidance_weight
-        self.backend = backends.check_backend_name(backend)
-        self.cuda_graph = _check_bool("cuda_graph", cuda_graph)
-        self._graphs = GraphCache(max_graphs)
-        self._warned_not_cuda = False
         if train_timestep_sampler == "beta":
             # Plain attributes, not buffers: state_dict() stays {} and .to(dtype) cannot touch them.
             self.beta_dist = torch.distributions.Beta(
@@ -106,82 +261,6 @@ class FlowMatching(BaseDiffusion):
             self.beta_scale_constant = 0.999
 
     # ------------------------------------------------------------------ sampling
-    def _plan(self, batch_size, device, return_all_steps, inference_step, int_method, *,
-              guidance=False, guidance_weight=None, timesteps=None, shift=None, noise=None,
-              generator=None, captured=False) -> "_Plan":
-        """Validate one call's arguments and resolve everything that must be known up front."""
-        batch_size = _check_positive_int("batch_size", batch_size, minimum=0)
-        device = _sampling_device(device)
-        guidance = _check_bool("guidance", guidance)
-        method = self.int_method if int_method is None else int_method
-        if method not in INT_METHODS:
-            raise ValueError(f"int_method must be one of {INT_METHODS}; got {method!r}")
-        if timesteps is not None:
-            if shift is not None:
-                raise ValueError("give either timesteps= or shift=, not both")
-            grid_values, grid_key = _check_timesteps(timesteps, device)
-            steps = grid_values.numel() - 1
-            if inference_step is not None and as_int("inference_step", inference_step) != steps:
-                raise ValueError(f"inference_step={inference_step} but timesteps has {steps + 1} "
-                                 f"entries ({steps} steps); they must agree")
-        else:
-            grid_values = grid_key = None
-            steps = self.num_inference_steps if inference_step is None else inference_step
-            steps = _check_positive_int("inference_step", steps)
-        if shift is not None:
-            if (isinstance(shift, bool) or not isinstance(shift, numbers.Real)
-                    or not math.isfinite(shift) or not shift > 0):
-                raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
-            shift = None if shift == 1 else float(shift)
-            if shift is not None:
-                _check_shifted_grid(steps, shift)
-        if guidance_weight is not None:
-            weight = _check_real("guidance_weight", guidance_weight)
-            if not guidance:
-                raise ValueError("guidance_weight= needs guidance=True (the doubled-batch field "
-                                 "protocol)")
-        elif guidance:  # the original never reads inference_guidance_weight: only guidance does
-            weight = _check_real("inference_guidance_weight", self.inference_guidance_weight)
-        else:
-            weight = 1.0
-        if noise is not None:
-            if generator is not None:
-                raise ValueError("give either noise= or generator=, not both (noise draws nothing)")
-            _check_noise(noise, (batch_size, *self.x_dims), device)
-        if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-            if not _same_device(generator.device, device):
-                raise ValueError(f"generator is on {generator.device}; expected one on the "
-                                 f"sampling device {device}")
-        numel = batch_size * math.prod(self.x_dims)
-        backend = backends.resolve(self.backend, device, numel, captured)
-        return _Plan(batch_size, device, tuple(self.x_dims), steps, method,
-                     bool(return_all_steps), backend, guidance, weight, grid_values, grid_key,
-                     shift, noise, generator)
-
-    def _run(self, plan: "_Plan", step_fn):
-        """The eager sampling call (also what a CUDA graph captures)."""
-        if plan.noise is not None:
-            x = plan.noise
-        else:
-            x = torch.randn(plan.batch_size, *plan.x_dims, device=plan.device,
-                            generator=plan.generator)
-        if plan.grid_values is not None:
-            values = plan.grid_values
-        else:
-            values = torch.linspace(0.0, 1.0, plan.steps + 1, device=plan.device)
-            if plan.shift is not None:
-                values = shifted_grid(values, plan.shift)
-        rows = 2 * plan.batch_size if plan.guidance else plan.batch_size
-        grid = TimeGrid(values, rows, x.dim())
-        trajectory = Trajectory(x, plan.steps) if plan.return_all_steps else None
-        x = integrate(plan.method, x, grid, step_fn, plan.backend, trajectory, plan.guidance,
-                      plan.weight)
-        if plan.return_all_steps:
-            return trajectory.states, values
-        return x
-
     @torch.no_grad()
     def sample(
         self,
@@ -218,33 +297,11 @@ class FlowMatching(BaseDiffusion):
           ``generator``: the ``torch.Generator`` the noise is drawn from.
         """
         warn_unknown_keywords("FlowMatching.sample", kwargs)
-        use_graph = self.cuda_graph if cuda_graph is None else _check_bool("cuda_graph", cuda_graph)
-        device = _sampling_device(device)
-        on_cuda = device.type == "cuda"
-        in_user_graph = on_cuda and not torch.compiler.is_compiling() and _capturing(device)
-        # The cache serves CUDA calls outside the caller's own capture, and not noise=/generator=:
-        # a cached graph would read a tensor or generator the caller may drop (explicit
-        # capture(noise=..., generator=...) keeps them alive instead).
-        graph_wanted = use_graph and on_cuda and not in_user_graph
-        cacheable = graph_wanted and noise is None and generator is None
-        plan = self._plan(batch_size, device, return_all_steps, inference_step, int_method,
-                          guidance=guidance, guidance_weight=guidance_weight, timesteps=timesteps,
-                          shift=shift, noise=noise, generator=generator,
-                          captured=in_user_graph or cacheable)
-        run = functools.partial(self._run, plan, step_fn)
-        if use_graph and not on_cuda and not self._warned_not_cuda:
-            self._warned_not_cuda = True
-            warn_not_cuda(plan.device)
-        if not cacheable:
-            if graph_wanted:  # noise= or generator= given
-                self._graphs.count_eager_fallback()
-            return run()
-        fkey, watch = field_key(step_fn)
-        graph_device = cuda_device(plan.device)
-        pool, order = self._graphs.pool(graph_device)
-        return self._graphs.call((fkey, plan.key()), watch, lambda: CapturedSampler(
-            run, graph_device, pool=pool, order=order, keep_alive=False,
-            static_inputs=(plan.grid_values,)), run)
+        return self._sample(
+            (step_fn,), batch_size, device, cuda_graph, return_all_steps=return_all_steps,
+            inference_step=inference_step, int_method=int_method, timesteps=timesteps,
+            shift=shift, noise=noise, generator=generator,
+            **_batch_guidance(guidance, guidance_weight, self.inference_guidance_weight))
 
     @torch.no_grad()
     def capture(
@@ -273,30 +330,11 @@ class FlowMatching(BaseDiffusion):
         :mod:`flowmatch_fast.graph` (static shapes, inputs updated in place, no host syncs).
         Raises ``RuntimeError`` on a non-CUDA device.
         """
-        device = _sampling_device(device)
-        if device.type != "cuda":
-            raise RuntimeError(
-                f"FlowMatching.capture needs a CUDA device; got {str(device)!r}. "
-                "On CPU, call FlowMatching.sample (eager) instead."
-            )
-        plan = self._plan(batch_size, device, return_all_steps, inference_step, int_method,
-                          guidance=guidance, guidance_weight=guidance_weight, timesteps=timesteps,
-                          shift=shift, noise=noise, generator=generator, captured=True)
-        run = functools.partial(self._run, plan, step_fn)
-        return CapturedSampler(run, plan.device, warmup=warmup, generator=generator)
-
-    @property
-    def graph_stats(self):
-        """Counters of the automatic CUDA-graph cache: captures, replays, eager_fallbacks, ..."""
-        return self._graphs.stats
-
-    @property
-    def graph_cache(self) -> GraphCache:
-        return self._graphs
-
-    def clear_cuda_graphs(self) -> None:
-        """Drop every cached graph (their memory returns to PyTorch's allocator)."""
-        self._graphs.clear()
+        return self._capture(
+            (step_fn,), batch_size, device, warmup, return_all_steps=return_all_steps,
+            inference_step=inference_step, int_method=int_method, timesteps=timesteps,
+            shift=shift, noise=noise, generator=generator,
+            **_batch_guidance(guidance, guidance_weight, self.inference_guidance_weight))
 
     # ------------------------------------------------------------------ training
     def construct_training_data(self, x: torch.Tensor) -> dict:
@@ -334,8 +372,9 @@ class _Plan(NamedTuple):
     method: str
     return_all_steps: bool
     backend: object
-    guidance: bool
+    guidance: Optional[str]  # None, "batch" (doubled batch) or "mix" (a second field)
     weight: float
+    temperature: float
     grid_values: Optional[torch.Tensor]
     grid_key: Optional[bytes]  # the explicit grid's float32 bits, read on the host at validation
     shift: Optional[float]
@@ -353,7 +392,7 @@ class _Plan(NamedTuple):
         autocast = torch.is_autocast_enabled(device.type)
         return (device, self.x_dims, self.batch_size, self.steps, self.method,
                 self.return_all_steps, self.backend.__name__, self.guidance,
-                struct.pack("<d", self.weight), self.grid_key, self.shift,
+                struct.pack("<dd", self.weight, self.temperature), self.grid_key, self.shift,
                 torch.get_default_dtype(),
                 (autocast, torch.get_autocast_dtype(device.type)) if autocast else False)
 

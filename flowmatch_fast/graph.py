@@ -216,7 +216,8 @@ class GraphCache:
 
     def call(self, key, watch, build: Callable[[], "CapturedSampler"], eager: Callable):
         """Replay the graph of ``key``; on a miss run ``eager()``, or capture with ``build()``
-        when the signature was seen before and there is room. ``watch`` is the field object."""
+        when the signature was seen before and there is room. ``watch`` is the field object, or a
+        tuple of them (two fields under guidance: the graph goes when either is collected)."""
         with self._lock:
             sampler = self._graphs.get(key)
             if sampler is not None:
@@ -235,17 +236,20 @@ class GraphCache:
             self.stats.eager_fallbacks += 1
 
     def _first_sight(self, key, watch) -> bool:
-        """Remember ``key`` until its field is collected; True the first time it is seen.
+        """Remember ``key`` until one of its fields is collected; True the first time it is seen.
 
         A field that cannot be weakly referenced cannot be forgotten when it dies (and its id
-        reused): it is captured on its first call and pinned instead."""
+        reused): its signature is captured on its first call and the field pinned instead."""
         if key in self._seen:
-            self._seen.pop(key).detach()
+            for finalizer in self._seen.pop(key):
+                finalizer.detach()
             return False
-        try:
-            self._seen[key] = weakref.finalize(watch, _forget_in, weakref.ref(self), key)
-        except TypeError:
+        finalizers, pinned = _watch(watch, _forget_in, self, key)
+        if pinned:
+            for finalizer in finalizers:
+                finalizer.detach()
             return False
+        self._seen[key] = finalizers
         return True
 
     def _add(self, key, watch, build):
@@ -256,23 +260,20 @@ class GraphCache:
             raise
         self.stats.captures += 1
         self._graphs[key] = sampler
-        try:
-            # The finalizer holds the cache weakly: dropping the sampler frees its graphs even
-            # while the field lives on.
-            self._watchers[key] = weakref.finalize(watch, _evict_from, weakref.ref(self), key)
-        except TypeError:
+        self._watchers[key], pinned = _watch(watch, _evict_from, self, key)
+        if pinned:
             # Not weak-referenceable (__slots__ without __weakref__, builtins): hold it, so
             # that its id() - part of the key - cannot be reused by another field.
-            self._pinned[key] = watch
+            self._pinned[key] = pinned[0] if len(pinned) == 1 else tuple(pinned)
         return sampler
 
     def _evict(self, key):
         with self._lock:
             if self._graphs.pop(key, None) is not None:
                 self.stats.evictions += 1
-            watcher = self._watchers.pop(key, None)
+            watchers = self._watchers.pop(key, ())
             self._pinned.pop(key, None)
-        if watcher is not None:
+        for watcher in watchers:
             watcher.detach()
 
     def clear(self):
@@ -280,9 +281,24 @@ class GraphCache:
         with self._lock:
             for key in list(self._graphs):
                 self._evict(key)
-            for finalizer in self._seen.values():
-                finalizer.detach()
+            for finalizers in self._seen.values():
+                for finalizer in finalizers:
+                    finalizer.detach()
             self._seen.clear()
+
+
+def _watch(watch, callback, cache, key):
+    """Finalizers calling ``callback(weakref(cache), key)`` when any field of ``watch`` (one
+    field, or a tuple of them: both fields under 1.5's guidance) is collected, and the fields
+    that cannot be weakly referenced. The finalizers hold the cache weakly: dropping the sampler
+    frees its graphs even while the fields live on."""
+    finalizers, pinned = [], []
+    for obj in watch if isinstance(watch, tuple) else (watch,):
+        try:
+            finalizers.append(weakref.finalize(obj, callback, weakref.ref(cache), key))
+        except TypeError:
+            pinned.append(obj)
+    return finalizers, pinned
 
 
 def _evict_from(cache_ref, key):
@@ -295,7 +311,9 @@ def _forget_in(cache_ref, key):
     cache = cache_ref()
     if cache is not None:
         with cache._lock:
-            cache._seen.pop(key, None)
+            finalizers = cache._seen.pop(key, ())
+        for finalizer in finalizers:  # the other fields' watchers
+            finalizer.detach()
 
 
 def warn_not_cuda(device) -> None:

@@ -37,6 +37,26 @@ def check_field(v, x: torch.Tensor) -> torch.Tensor:
     return v
 
 
+def _dtype_class(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "floating-point"
+    return "complex" if dtype.is_complex else "integer/bool"
+
+
+def check_unguided(vu, vg: torch.Tensor) -> torch.Tensor:
+    """Validate what ``unguided_step_fn`` returned against the guided field ``vg`` of the same step."""
+    if not isinstance(vu, torch.Tensor):
+        raise TypeError(f"unguided_step_fn must return a torch.Tensor, got {type(vu).__name__}")
+    if (vu.shape != vg.shape or vu.device != vg.device
+            or _dtype_class(vu.dtype) != _dtype_class(vg.dtype)):
+        raise ValueError(
+            f"unguided_step_fn returned a {_dtype_class(vu.dtype)} tensor of shape "
+            f"{tuple(vu.shape)} ({vu.dtype}) on {vu.device}; expected what step_fn returned: a "
+            f"{_dtype_class(vg.dtype)} tensor of shape {tuple(vg.shape)} ({vg.dtype}) on {vg.device}"
+        )
+    return vu
+
+
 class Trajectory:
     """The contiguous ``[B, T+1, *x_dims]`` output, written one slot per step (no final stack).
 
@@ -110,19 +130,31 @@ METHODS = {
 }
 
 
-def _fused_ok(x, k, acc):
+def fused_ok(backend, x, k, acc=None, k_uncond=None, mix=False) -> bool:
+    """The one decision between the backend's fused step and the reference step.
+
+    Alpamayo 1.5's mix ``(1 - w) * vu + w * vg`` is fused only by a backend that says so
+    (``FUSES_MIX_GUIDANCE``; the CUDA extension does not yet) and only for two fields of one
+    dtype (mixed dtypes round each product in its own dtype: the reference computes those).
+    """
+    if mix and not (getattr(backend, "FUSES_MIX_GUIDANCE", False) and k_uncond.dtype == k.dtype
+                    and k_uncond.layout == torch.strided):
+        return False
     return kernel_supports(x, k) and (acc is None or acc.dtype in (torch.float32, torch.float64))
 
 
 def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
-              guided: bool = False, weight: float = 1.0):
+              guided: bool = False, weight: float = 1.0, unguided_fn=None):
     """Any method, optionally with classifier-free guidance. Returns the last state ``[B, ...]``.
 
-    Guidance: the field sees the doubled batch ``[x; x]`` (rows ``:B`` conditional, ``B:``
-    unconditional) and the velocity is ``vu + w * (vc - vu)``; with ``w == 1`` it is ``vc``
-    itself, so the result is bitwise that of plain sampling with the conditional field.
+    ``guided`` (our R1 extra): the field sees the doubled batch ``[x; x]`` (rows ``:B``
+    conditional, ``B:`` unconditional) and the velocity is ``vu + w * (vc - vu)``; with
+    ``w == 1`` it is ``vc`` itself, so the result is bitwise that of plain sampling with the
+    conditional field. ``unguided_fn`` (Alpamayo 1.5): ``vg = step_fn(x, t)`` first, then
+    ``vu = unguided_fn(x, t)``, and the velocity is ``(1 - w) * vu + w * vg``.
     """
-    if method == "euler" and not guided:
+    mix = unguided_fn is not None
+    if method == "euler" and not guided and not mix:
         return euler_loop(x, grid, step_fn, backend, trajectory)
     stages = METHODS[method]
     rows = x.shape[0]
@@ -132,10 +164,13 @@ def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
         acc = None
         xs = x_in
         for j, st in enumerate(stages):
-            v = step_fn(x=xs, t=grid.stage_t_views(st.time)[i])
+            t = grid.stage_t_views(st.time)[i]
+            v = step_fn(x=xs, t=t)
             check_field(v, xs)
             vu = None
-            if guided:
+            if mix:
+                vu = check_unguided(unguided_fn(x=xs, t=t), v)
+            elif guided:
                 if v.dim() == 0:  # a 0-dim field is a scalar to PyTorch's promotion: keep that
                     v = v.to(result_dtype(torch.float32, v))
                 if v.shape != xs.shape:
@@ -144,21 +179,25 @@ def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
                 if weight == 1.0:
                     vu = None
             acc_in = acc if st.uses_acc else None
+            fused = fused_ok(backend, x, v, acc_in, vu, mix)
+            if mix and not fused:  # the reference mix, then the plain step (fused if it can be)
+                v, vu = reference.mixed_velocity(v, vu, weight), None
+                fused = fused_ok(backend, x, v, acc_in)
             dtype = (result_dtype(x.dtype, v) if method == "euler"
                      else stage_dtype(x.dtype, v, acc_in))
             out = torch.empty((2 * rows, *x.shape[1:]), dtype=dtype, device=x.device) if guided else None
             slot = trajectory.slot(i + 1, dtype) if trajectory is not None and j == last else None
-            fused = _fused_ok(x, v, acc_in)
+            mix_kw = {"mix": True} if vu is not None and mix else {}  # only fusing backends take it
             if fused:
                 v = kernel_readable(v)
                 vu = None if vu is None else kernel_readable(vu)
             if method == "euler":
                 step = backend.euler_step if fused else reference.euler_step
-                xs = step(x, v, grid, i, out, slot, vu, weight)
+                xs = step(x, v, grid, i, out, slot, vu, weight, **mix_kw)
             else:
                 step = backend.stage_step if fused else reference.stage_step
                 xs, acc = step(x, v, grid, i, st.coef, acc_in, st.acc_weight, st.write_acc,
-                               st.from_acc, out, slot, vu, weight)
+                               st.from_acc, out, slot, vu, weight, **mix_kw)
         x_in = xs
         x = xs[:rows] if guided else xs
     return x

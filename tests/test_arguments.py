@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from flowmatch_fast import FlowMatching, flow_matching
-from oracle import spec_sample
+from flowmatch_fast.alpamayo1_5 import FlowMatching as FlowMatching1_5
+from oracle import spec_sample, spec_sample_1_5
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA device")
@@ -177,3 +178,58 @@ def test_tensors_and_generators_on_another_index_are_refused():
                       timesteps=torch.tensor([0.0, 1.0], device="cuda:1"))
         with pytest.raises(ValueError, match="noise is on cuda:1"):
             fm.sample(2, field, device="cuda", noise=torch.zeros(2, 3, 2, device="cuda:1"))
+
+
+# ------------------------------------------------------------- Alpamayo 1.5's class
+def unguided_field(*, x, t):
+    return torch.cos(x) - t
+
+
+@pytest.mark.parametrize("bad", ["no", 1, np.bool_(True)])
+def test_cuda_graph_of_the_1_5_class_must_be_a_bool(bad):
+    with pytest.raises(TypeError, match=f"cuda_graph must be True or False, got {type(bad).__name__}"):
+        FlowMatching1_5(x_dims=2, cuda_graph=bad)
+    with pytest.raises(TypeError, match="cuda_graph must be True or False"):
+        FlowMatching1_5(x_dims=2).sample(2, field, cuda_graph=bad)
+
+
+@pytest.mark.parametrize("bad", ["hot", True, torch.tensor(0.5)])
+def test_temperature_and_weight_of_the_1_5_class_must_be_real_numbers(bad):
+    fm = FlowMatching1_5(x_dims=2, use_classifier_free_guidance=True)
+    with pytest.raises(TypeError, match="temperature must be a real number, got"):
+        fm.sample(2, field, unguided_field, temperature=bad)
+    with pytest.raises(TypeError, match="inference_guidance_weight must be a real number, got"):
+        fm.sample(2, field, unguided_field, inference_guidance_weight=bad)
+
+
+def test_unknown_keywords_of_the_1_5_class_are_accepted_with_one_warning_per_name():
+    fm = FlowMatching1_5("euler", 2, 2.5, 2, True)
+    with pytest.warns(UserWarning, match="alpamayo1_5.FlowMatching.sample ignores the unknown "
+                                         "keyword argument 'cuda_grpah'") as record:
+        torch.manual_seed(1)
+        out = fm.sample(2, field, unguided_field, cuda_grpah=True)
+    assert record[0].filename == __file__  # points at the caller
+    torch.manual_seed(1)
+    assert torch.equal(out, spec_sample_1_5(2, 2, field, unguided_field, steps=2, guidance=True,
+                                            weight=2.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fm.sample(2, field, unguided_field, cuda_grpah=True)  # once per name
+    with pytest.warns(UserWarning, match="alpamayo1_5.FlowMatching ignores the unknown keyword "
+                                         "argument 'some_config_key'") as record:
+        FlowMatching1_5("euler", 2, 1.0, 2, some_config_key=1)
+    assert record[0].filename == __file__
+
+
+def test_device_none_is_the_default_device_for_the_1_5_class():
+    fm = FlowMatching1_5("euler", 3, 2.5, (3, 2), True)
+    torch.manual_seed(4)
+    got = fm.sample(2, field, unguided_field, device=None)
+    torch.manual_seed(4)
+    want = spec_sample_1_5((3, 2), 2, field, unguided_field, None, 3, guidance=True, weight=2.5)
+    assert got.device == torch.get_default_device() and torch.equal(got, want)
+
+
+def test_the_1_5_class_rejects_a_shift_with_zero_length_steps():
+    with pytest.raises(ValueError, match="not strictly increasing"):
+        FlowMatching1_5("euler", 4, 1.0, 2).sample(1, field, shift=1e30)

@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 
-from flowmatch_fast import FlowMatching
+from flowmatch_fast import FlowMatching, alpamayo1_5, flow_matching
 from flowmatch_fast.graph import GraphCache, field_key
 
 
@@ -180,6 +180,12 @@ def test_one_capture_per_signature_bound_and_no_overlapping_replays_under_thread
 
 
 def _key(fm, **opts):
+    """A call's cache key: the R1 class's ``guidance=`` / ``guidance_weight=`` as its ``sample``
+    takes them, the 1.5 class's plan options (``guidance="mix"``, ``weight``) as they are."""
+    if isinstance(fm, FlowMatching):
+        opts.update(flow_matching._batch_guidance(opts.pop("guidance", False),
+                                                  opts.pop("guidance_weight", None),
+                                                  fm.inference_guidance_weight))
     return fm._plan(3, "cpu", False, None, None, **opts).key()
 
 
@@ -212,6 +218,19 @@ def test_key_compares_floats_by_bits():
                                                                  guidance_weight=0.0)
     assert (_key(fm, timesteps=[-0.0, 0.5, 1.0]) != _key(fm, timesteps=[0.0, 0.5, 1.0])
             == _key(fm, timesteps=torch.tensor([0.0, 0.5, 1.0])))
+
+
+def test_key_of_the_1_5_class_sees_temperature_and_the_mix_weight_by_bits():
+    fm = alpamayo1_5.FlowMatching(x_dims=2)
+    nan_a, nan_b = float("nan"), float("nan")
+    assert _key(fm, temperature=nan_a) == _key(fm, temperature=nan_b)
+    assert _key(fm, temperature=-0.0) != _key(fm, temperature=0.0)  # x * -0.0 is -0.0
+    assert _key(fm, temperature=0.5) != _key(fm)
+    mix = dict(guidance="mix", weight=2.5)
+    assert _key(fm, **mix) != _key(fm) and _key(fm, **mix) != _key(fm, guidance="mix", weight=2.0)
+    # the same weight under the R1 extra's doubled batch is another graph
+    assert _key(fm, **mix) != _key(fm, guidance="batch", weight=2.5)
+    assert (_key(fm, guidance="mix", weight=-0.0) != _key(fm, guidance="mix", weight=0.0))
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -265,3 +284,40 @@ def test_threads_sharing_one_sampler_get_their_own_results():
         want, _ = fm.sample(states.shape[0], smooth_field, device="cuda", return_all_steps=True,
                             noise=states[:, 0].contiguous(), cuda_graph=False)
         assert torch.equal(states, want)
+
+
+def test_a_guided_signature_is_keyed_on_both_fields_and_forgotten_when_either_dies():
+    cache = GraphCache(max_graphs=4)
+    guided, unguided, other = make_field(), make_field(), make_field()
+    (kg, wg), (ku, wu), (ko, wo) = field_key(guided), field_key(unguided), field_key(other)
+    for want in ("eager", "replayed", "replayed"):
+        assert cache.call((kg, ku, 6), (wg, wu), FakeSampler, eager) == want
+    # the same guided field with another unguided one is another graph
+    assert cache.call((kg, ko, 6), (wg, wo), FakeSampler, eager) == "eager"
+    assert len(cache) == 1 and len(cache._seen) == 1
+    del other, wo  # a signature seen once goes with either of its fields
+    gc.collect()
+    assert not cache._seen and len(cache) == 1
+    del unguided, wu
+    gc.collect()
+    assert len(cache) == 0 and cache.stats.evictions == 1
+    assert not cache._watchers, "the guided field's watcher of a dead entry is detached"
+    assert weakref.getweakrefcount(guided) == 0
+
+
+def test_a_guided_entry_pins_the_field_that_cannot_be_weakly_referenced():
+    class SlotField:
+        __slots__ = ()
+
+        def __call__(self, *, x, t):
+            return x
+
+    cache = GraphCache(max_graphs=4)
+    guided, unguided = make_field(), SlotField()
+    (kg, wg), (ku, wu) = field_key(guided), field_key(unguided)
+    # one death cannot be observed: captured on its first call, that field held
+    assert cache.call((kg, ku), (wg, wu), FakeSampler, eager) == "replayed"
+    assert not cache._seen and cache._pinned[(kg, ku)] is unguided
+    del guided, wg  # the other field's death still evicts it, and lets the pinned one go
+    gc.collect()
+    assert len(cache) == 0 and not cache._pinned

@@ -50,12 +50,17 @@ def test_every_triton_launch_enters_the_tensors_device(monkeypatch):
     v = torch.randn(3, 4, 2)
     grid = TimeGrid(torch.linspace(0, 1, 3), 3, x.dim())
     out = torch.empty_like(x)
-    triton_euler.euler_step(x, v, grid, 0)
-    triton_euler.stage_step(x, v, grid, 0, 0.5, write_acc=True)
-    triton_euler._triton_euler_step_op(x, v, None, grid.values, 0, out, None, 1.0)
-    triton_euler._triton_stage_step_op(x, v, None, None, grid.values, 0, 0.5, 1.0, False, out,
-                                       None, None, 1.0)
-    assert rec.launches == [("euler", x.device), ("stage", x.device)] * 2
+    vu = torch.randn(3, 4, 2)
+    for mix in (False, True):  # plain, and Alpamayo 1.5's mix of two fields
+        kw = dict(mix=True) if mix else {}
+        v_uncond = vu if mix else None
+        triton_euler.euler_step(x, v, grid, 0, None, None, v_uncond, 2.5, **kw)
+        triton_euler.stage_step(x, v, grid, 0, 0.5, write_acc=True, k_uncond=v_uncond,
+                                guidance_weight=2.5, **kw)
+        triton_euler._triton_euler_step_op(x, v, v_uncond, grid.values, 0, out, None, 2.5, mix)
+        triton_euler._triton_stage_step_op(x, v, v_uncond, None, grid.values, 0, 0.5, 1.0, False,
+                                           out, None, None, 2.5, mix)
+    assert rec.launches == [("euler", x.device), ("stage", x.device)] * 4
 
 
 def test_the_guard_of_a_cuda_tensor_is_its_device():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from flowmatch_fast import FlowMatching
-from oracle import spec_sample
+from flowmatch_fast.alpamayo1_5 import FlowMatching as FlowMatching1_5
+from oracle import spec_sample, spec_sample_1_5
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA device")
@@ -74,3 +75,45 @@ def test_deepcopy_of_a_sampler_with_cached_graphs():
     for _ in range(3):
         assert torch.equal(_samples(copied, device="cuda"), _samples(model, device="cuda"))
     assert copied.diffusion.graph_stats.captures == 1
+
+
+class GuidedPolicy(torch.nn.Module):
+    """Alpamayo 1.5's layout: the sampler next to a guided and an unguided expert."""
+
+    def __init__(self, **fm_options):
+        super().__init__()
+        self.expert = torch.nn.Linear(2, 2)
+        self.diffusion = FlowMatching1_5("euler", 4, 2.5, (5, 2), True, **fm_options)
+
+    def guided(self, *, x, t):
+        return self.expert(x) * t
+
+    def unguided(self, *, x, t):
+        return self.expert(-x) * t
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copies_of_the_1_5_sampler_sample_bitwise_and_start_with_an_empty_cache(how):
+    model = GuidedPolicy(max_graphs=5)
+    model.diffusion.graph_stats.first_calls = 7
+    if how == "deepcopy":
+        copied = copy.deepcopy(model)
+    elif how == "pickle":
+        copied = pickle.loads(pickle.dumps(model))
+    else:
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        copied = torch.load(buf, weights_only=False)
+    fm = copied.diffusion
+    assert type(fm) is FlowMatching1_5 and fm is not model.diffusion
+    assert fm.graph_cache is not model.diffusion.graph_cache and len(fm.graph_cache) == 0
+    assert fm.graph_stats == type(fm.graph_stats)() and fm.graph_cache.max_graphs == 5
+    assert (fm.use_classifier_free_guidance, fm.inference_guidance_weight) == (True, 2.5)
+    torch.manual_seed(3)
+    want = spec_sample_1_5((5, 2), 3, model.guided, model.unguided, steps=4, guidance=True,
+                           weight=2.5, temperature=0.5)
+    for m in (copied, model):
+        torch.manual_seed(3)
+        assert torch.equal(m.diffusion.sample(3, m.guided, m.unguided, temperature=0.5), want)
+    assert model.diffusion.graph_stats.first_calls == 7

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from flowmatch_fast import FlowMatching
+from flowmatch_fast.alpamayo1_5 import FlowMatching as FlowMatching1_5
 from flowmatch_fast.kernels import reference, triton_euler
 from flowmatch_fast.kernels.reference import TimeGrid, kernel_readable, kernel_supports
-from oracle import spec_sample
+from oracle import spec_sample, spec_sample_1_5
 
 
 def negated_view(*, x, t):
@@ -102,3 +103,40 @@ def test_fields_past_the_offset_limit_take_the_reference(monkeypatch):
     got = triton_euler.stage_step(x, v, grid, 1, 0.5, write_acc=True)
     want = reference.stage_step(x, v, grid, 1, 0.5, write_acc=True)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_negated_and_sparse_fields_under_1_5_guidance_match_the_original(device, method):
+    """Either field of Alpamayo 1.5's mix may be a view the kernels cannot read as it is."""
+    def smooth(*, x, t):
+        return torch.sin(x) + t
+
+    pairs = [(negated_view, smooth), (smooth, negated_view)]
+    if device.type == "cpu":  # PyTorch's own CUDA sparse ops are not the subject here
+        pairs.append((sparse_field, smooth))
+    for vg, vu in pairs:
+        fm = FlowMatching1_5(method, 3, 2.5, (5, 3), True)
+        torch.manual_seed(0)
+        got = fm.sample(4, vg, vu, device)
+        torch.manual_seed(0)
+        if method == "euler":
+            want = spec_sample_1_5((5, 3), 4, vg, vu, device, 3, guidance=True, weight=2.5)
+        else:  # the other methods: against plain torch's reference ops
+            want = FlowMatching1_5(method, 3, 2.5, (5, 3), True, backend="torch").sample(
+                4, vg, vu, device)
+        assert got.layout == torch.strided and torch.equal(got, want), (vg, vu)
+
+
+def test_a_sparse_unguided_field_fails_as_in_the_original():
+    """``(1 - w) * vu + w * vg`` with ``vu`` sparse is PyTorch's error in the original: ours takes
+    the same reference expression (no fused kernel reads a sparse tensor)."""
+    def smooth(*, x, t):
+        return torch.sin(x) + t
+
+    for run in ("ours", "spec"):
+        with pytest.raises(RuntimeError, match=r"add\(sparse, dense\) is not supported"):
+            if run == "ours":
+                FlowMatching1_5("euler", 3, 2.5, (5, 3), True).sample(4, smooth, sparse_field)
+            else:
+                spec_sample_1_5((5, 3), 4, smooth, sparse_field, steps=3, guidance=True,
+                                weight=2.5)

@@ -14,6 +14,9 @@
 - ``traj``: optional view ``states[:, i + 1]`` of the contiguous trajectory; written too.
 - ``v_uncond``: optional unconditional field (same shape, dtype and strides as ``v``); then the
   velocity is ``vu + w * (vc - vu)`` computed in the product dtype.
+- ``mix`` (keyword, only with ``v_uncond``; backends that fuse it set ``FUSES_MIX_GUIDANCE``):
+  Alpamayo 1.5's ``(1 - w) * vu + w * v`` instead, each product and the sum rounded in the
+  fields' dtype exactly as PyTorch evaluates that expression with ``w`` a Python float.
 
 Arithmetic (identical on every backend, bitwise): with ``P = promote(float32, v.dtype)`` and
 ``S = promote(x.dtype, P)``: ``prod = P(dt) * P(v)`` rounded in ``P``, then

@@ -51,11 +51,45 @@ def block_offsets(n_total, row_len, BLOCK: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
-def guided(v, vu_ptr, v_offs, mask, w_bits, p_type: tl.constexpr):
-    """vu + w * (vc - vu), each op rounded in the product dtype; w arrives as float64 bits."""
-    vu = tl.load(vu_ptr + v_offs, mask=mask).to(p_type)
-    w = w_bits.to(tl.int64).to(tl.float64, bitcast=True).to(p_type)
-    return vu + w * (v - vu)
+def round_to(v, f_type: tl.constexpr):
+    """``v`` (float32 or float64) rounded to the field dtype ``f_type`` (nearest even), kept in
+    ``v``'s type. bf16 by bit arithmetic, as c10::BFloat16 and ``cvt.rn.bf16.f32`` round (the
+    interpreter's float32 -> bf16 cast truncates); NaN stays NaN."""
+    if f_type == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        r = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+        return tl.where(v != v, v, r)
+    elif f_type == tl.float16:
+        return v.to(tl.float16).to(v.dtype)
+    else:
+        return v
+
+
+@triton.jit
+def velocity(v_ptr, vu_ptr, v_offs, mask, w_bits, p_type: tl.constexpr, GUIDED: tl.constexpr,
+             MIX: tl.constexpr):
+    """The field at ``v_offs`` in the product dtype ``P``, guided when GUIDED (w as float64 bits).
+
+    Not MIX: ``vu + w * (vc - vu)``, each op rounded in ``P``. MIX (Alpamayo 1.5, both fields of
+    one dtype ``F``): ``(1 - w) * vu + w * vg`` as PyTorch evaluates it with ``w`` a Python float:
+    ``1 - w`` in float64 (Python), each scalar cast to the op's math type ``P`` (float32 for
+    bf16/fp16/fp32, float64 for fp64), each product and the sum computed in ``P`` and rounded to
+    ``F``.
+    """
+    v = tl.load(v_ptr + v_offs, mask=mask).to(p_type)
+    if GUIDED:
+        vu = tl.load(vu_ptr + v_offs, mask=mask).to(p_type)
+        w = w_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        if MIX:
+            f_type = v_ptr.dtype.element_ty
+            one = tl.full((), 1.0, tl.float64)
+            a = round_to(vu * (one - w).to(p_type), f_type)
+            b = round_to(v * w.to(p_type), f_type)
+            v = round_to(a + b, f_type)
+        else:
+            v = vu + w.to(p_type) * (v - vu)
+    return v
 
 
 @triton.jit
@@ -81,7 +115,7 @@ def euler_kernel(
     s0, s1, s2, s3, s4, s5,  # the field's strides, in elements
     BLOCK: tl.constexpr, V_NDIM: tl.constexpr, V_CONTIG: tl.constexpr,
     ROWS: tl.constexpr, HAS_TRAJ: tl.constexpr, DUP_OUT: tl.constexpr,
-    GUIDED: tl.constexpr, P_F64: tl.constexpr, S_F64: tl.constexpr,
+    GUIDED: tl.constexpr, MIX: tl.constexpr, P_F64: tl.constexpr, S_F64: tl.constexpr,
 ):
     offs, mask, row, col = block_offsets(n_total, row_len, BLOCK, ROWS)
 
@@ -102,9 +136,7 @@ def euler_kernel(
     else:
         s_type = tl.float32
 
-    v = tl.load(v_ptr + v_offs, mask=mask).to(p_type)
-    if GUIDED:
-        v = guided(v, vu_ptr, v_offs, mask, w_bits, p_type)
+    v = velocity(v_ptr, vu_ptr, v_offs, mask, w_bits, p_type, GUIDED, MIX)
     prod = dt.to(p_type) * v
     x = tl.load(x_ptr + offs, mask=mask).to(s_type)
     res = x + prod.to(s_type)
@@ -118,7 +150,7 @@ def stage_kernel(
     d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5,
     BLOCK: tl.constexpr, V_NDIM: tl.constexpr, V_CONTIG: tl.constexpr,
     ROWS: tl.constexpr, HAS_TRAJ: tl.constexpr, DUP_OUT: tl.constexpr,
-    GUIDED: tl.constexpr, P_F64: tl.constexpr, C_F64: tl.constexpr,
+    GUIDED: tl.constexpr, MIX: tl.constexpr, P_F64: tl.constexpr, C_F64: tl.constexpr,
     HAS_ACC: tl.constexpr, ACC_W2: tl.constexpr, WRITE_ACC: tl.constexpr,
     FROM_ACC: tl.constexpr, COEF_ONE: tl.constexpr,
 ):
@@ -140,9 +172,7 @@ def stage_kernel(
     h = dt.to(c_type)
     if not COEF_ONE:  # h = C(dt) * C(coef), one rounding in C, as the reference
         h = h * coef_bits.to(tl.int64).to(tl.float64, bitcast=True).to(c_type)
-    k = tl.load(k_ptr + k_offs, mask=mask).to(p_type)
-    if GUIDED:
-        k = guided(k, ku_ptr, k_offs, mask, w_bits, p_type)
+    k = velocity(k_ptr, ku_ptr, k_offs, mask, w_bits, p_type, GUIDED, MIX)
     kk = k.to(c_type)
     if ACC_W2:
         s = kk * 2.0

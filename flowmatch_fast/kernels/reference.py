@@ -103,6 +103,24 @@ def guided_velocity(v: torch.Tensor, v_uncond: torch.Tensor, weight: float) -> t
     return vu + weight * (vc - vu)
 
 
+def mixed_velocity(vg: torch.Tensor, vu: torch.Tensor, weight: float) -> torch.Tensor:
+    """Alpamayo 1.5's guidance ``(1 - w) * vu + w * vg``, literally, with ``w`` a Python float.
+
+    PyTorch rounds each product in its own field's dtype (the scalar held in the op's math type:
+    float32 for bf16/fp16/fp32 fields, float64 for float64), the sum in the promoted dtype; no
+    shortcut at ``w = 1`` or ``w = 0`` (``0 * inf`` is NaN). tests/test_alpamayo1_5.py pins it.
+    """
+    return (1 - weight) * vu + weight * vg
+
+
+def guide(v: torch.Tensor, v_uncond: Optional[torch.Tensor], weight: float, mix: bool):
+    """The velocity of one stage: ``v`` itself, or guided (R1 extra's difference form, or 1.5's
+    mix of two fields when ``mix``)."""
+    if v_uncond is None:
+        return v
+    return mixed_velocity(v, v_uncond, weight) if mix else guided_velocity(v, v_uncond, weight)
+
+
 def euler_step(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -112,9 +130,9 @@ def euler_step(
     traj: Optional[torch.Tensor] = None,
     v_uncond: Optional[torch.Tensor] = None,
     guidance_weight: float = 1.0,
+    mix: bool = False,
 ) -> torch.Tensor:
-    if v_uncond is not None:
-        v = guided_velocity(v, v_uncond, guidance_weight)
+    v = guide(v, v_uncond, guidance_weight, mix)
     # two ops per step, the floor for plain torch (addcmul would fuse: not bitwise)
     return _write_state(x, torch.mul(grid.dt_views[i], v), out, traj)
 
@@ -158,6 +176,7 @@ def stage_step(
     traj: Optional[torch.Tensor] = None,
     k_uncond: Optional[torch.Tensor] = None,
     guidance_weight: float = 1.0,
+    mix: bool = False,
 ):
     """One stage of a fixed-step Runge-Kutta method, in the compute dtype ``C``.
 
@@ -166,8 +185,7 @@ def stage_step(
     else kk)``; every op rounded in ``C`` (so a float64 state gets float64 RK weights).
     Returns ``(x_out, s or None)``.
     """
-    if k_uncond is not None:
-        k = guided_velocity(k, k_uncond, guidance_weight)
+    k = guide(k, k_uncond, guidance_weight, mix)
     c = stage_dtype(x.dtype, k, acc)
     kk = k.to(c)
     s = kk if acc_weight == 1.0 else kk * acc_weight

@@ -28,6 +28,9 @@ _MAX_DIMS = 6
 BLOCK = 1024
 NUM_WARPS = 4
 _GRID_Y_MAX = 65535
+# Fuses Alpamayo 1.5's guidance ``(1 - w) * vu + w * vg`` (``mix=True``) for two fields of one
+# dtype; integrators.fused_ok reads this flag (a backend without it takes the reference step).
+FUSES_MIX_GUIDANCE = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,7 +125,7 @@ def double_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
-def _launch_config(x, v, grid_values, step, out, traj, v_uncond, guidance_weight):
+def _launch_config(x, v, grid_values, step, out, traj, v_uncond, guidance_weight, mix):
     """(launch grid, positional args, keyword args) of one kernel launch; v expanded to x's shape."""
     n = x.numel()
     rows = x.shape[0]
@@ -144,7 +147,7 @@ def _launch_config(x, v, grid_values, step, out, traj, v_uncond, guidance_weight
     meta = dict(
         BLOCK=BLOCK, V_NDIM=ndim, V_CONTIG=contiguous, ROWS=use_rows,
         HAS_TRAJ=traj is not None, DUP_OUT=out.shape[0] != rows,
-        GUIDED=v_uncond is not None, P_F64=v.dtype == torch.float64,
+        GUIDED=v_uncond is not None, MIX=mix, P_F64=v.dtype == torch.float64,
         S_F64=out.dtype == torch.float64, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return grid, args, meta
@@ -159,29 +162,30 @@ def euler_step(
     traj: Optional[torch.Tensor] = None,
     v_uncond: Optional[torch.Tensor] = None,
     guidance_weight: float = 1.0,
+    mix: bool = False,
 ) -> torch.Tensor:
     if out is None:
         out = torch.empty(x.shape, dtype=result_dtype(x.dtype, v), device=x.device)
     if not offsets_fit_int32(x, out, traj, v, v_uncond):
-        return reference.euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight)
+        return reference.euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight, mix)
     if v.shape != x.shape:
         v = v.expand(x.shape)
         if v_uncond is not None:
             v_uncond = v_uncond.expand(x.shape)
     if torch.compiler.is_compiling():
         torch.ops.flowmatch_fast.triton_euler_step(
-            x, v, v_uncond, grid.values, i, out, traj, float(guidance_weight))
+            x, v, v_uncond, grid.values, i, out, traj, float(guidance_weight), bool(mix))
     elif x.numel():
         _launch(_kernels()[0], x, _launch_config(x, v, grid.values, i, out, traj, v_uncond,
-                                                 guidance_weight))
+                                                 guidance_weight, mix))
     return out
 
 
 def _stage_config(x, k, grid_values, step, coef, acc, acc_weight, write_acc, from_acc, out,
-                  acc_out, traj, k_uncond, guidance_weight):
+                  acc_out, traj, k_uncond, guidance_weight, mix):
     """(launch grid, args, meta) of one stage launch; ``k`` already expanded to ``x``'s shape."""
     grid, args, meta = _launch_config(x, k, grid_values, step, out, traj, k_uncond,
-                                      guidance_weight)
+                                      guidance_weight, mix)
     x_, k_, ku_, g_, out_, traj_, step_, w_bits, *rest = args
     args = (x_, k_, ku_, acc if acc is not None else out_, g_, out_,
             acc_out if acc_out is not None else out_, traj_, step_, double_bits(coef), w_bits, *rest)
@@ -206,6 +210,7 @@ def stage_step(
     traj: Optional[torch.Tensor] = None,
     k_uncond: Optional[torch.Tensor] = None,
     guidance_weight: float = 1.0,
+    mix: bool = False,
 ):
     """One fused Runge-Kutta stage: the contract and arithmetic of ``reference.stage_step``."""
     if acc_weight not in (1.0, 2.0):
@@ -215,7 +220,7 @@ def stage_step(
         out = torch.empty(x.shape, dtype=c, device=x.device)
     if not offsets_fit_int32(x, out, traj, k, k_uncond, acc):
         return reference.stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc,
-                                    out, traj, k_uncond, guidance_weight)
+                                    out, traj, k_uncond, guidance_weight, mix)
     acc_out = torch.empty(x.shape, dtype=c, device=x.device) if write_acc else None
     if acc is not None and (acc.dtype != c or not acc.is_contiguous()):
         acc = acc.to(c).contiguous()
@@ -226,34 +231,34 @@ def stage_step(
     if torch.compiler.is_compiling():
         torch.ops.flowmatch_fast.triton_stage_step(
             x, k, k_uncond, acc, grid.values, i, float(coef), float(acc_weight), bool(from_acc),
-            out, acc_out, traj, float(guidance_weight))
+            out, acc_out, traj, float(guidance_weight), bool(mix))
     elif x.numel():
         _launch(_kernels()[1], x, _stage_config(x, k, grid.values, i, coef, acc, acc_weight,
                                                 write_acc, from_acc, out, acc_out, traj, k_uncond,
-                                                guidance_weight))
+                                                guidance_weight, mix))
     return out, acc_out
 
 
 def _triton_euler_step_op(
     x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
     grid_values: torch.Tensor, step: int, out: torch.Tensor, traj: Optional[torch.Tensor],
-    guidance_weight: float,
+    guidance_weight: float, mix: bool,
 ) -> None:
     if x.numel():
         _launch(_kernels()[0], x, _launch_config(x, v, grid_values, step, out, traj, v_uncond,
-                                                 guidance_weight))
+                                                 guidance_weight, mix))
 
 
 def _triton_stage_step_op(
     x: torch.Tensor, k: torch.Tensor, k_uncond: Optional[torch.Tensor],
     acc: Optional[torch.Tensor], grid_values: torch.Tensor, step: int, coef: float,
     acc_weight: float, from_acc: bool, out: torch.Tensor, acc_out: Optional[torch.Tensor],
-    traj: Optional[torch.Tensor], guidance_weight: float,
+    traj: Optional[torch.Tensor], guidance_weight: float, mix: bool,
 ) -> None:
     if x.numel():
         _launch(_kernels()[1], x, _stage_config(x, k, grid_values, step, coef, acc, acc_weight,
                                                 acc_out is not None, from_acc, out, acc_out, traj,
-                                                k_uncond, guidance_weight))
+                                                k_uncond, guidance_weight, mix))
 
 
 def _register_ops() -> None:
@@ -284,12 +289,16 @@ _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
                  torch.float64: "fp64"}
 
 
+# Guidance variants: none, the R1 extra's doubled batch, Alpamayo 1.5's mix of two fields.
+GUIDANCE_VARIANTS = (False, "batch", "mix")
+
+
 def specializations():
     """Every Euler variant ``sample`` can launch: (state, field, traj, guided, contiguous)."""
     for state in (torch.float32, torch.float64):
         for field in _TRITON_TYPES:
             for traj in (False, True):
-                for guided in (False, True):
+                for guided in GUIDANCE_VARIANTS:
                     for contiguous in (True, False):
                         yield state, field, traj, guided, contiguous
 
@@ -312,7 +321,7 @@ def stage_specializations():
         last = flags.pop("last")
         for state in (torch.float32, torch.float64):
             for field in _TRITON_TYPES:
-                for guided in (False, True):
+                for guided in GUIDANCE_VARIANTS:
                     for traj in ((False, True) if last else (False,)):
                         yield dict(state=state, field=field, traj=traj, guided=guided,
                                    stage=flags)
@@ -322,6 +331,8 @@ def compile_for_target(state, field, traj=False, guided=False, contiguous=True, 
                        enable_fp_fusion=False, stage=None):
     """Compile one specialization ahead of time for ``sm_<arch>`` (no GPU needed); returns the
     compiled kernel, whose ``.asm`` dict holds ``ttir``/``ttgir``/``llir``/``ptx``/``cubin``.
+
+    ``guided``: one of ``GUIDANCE_VARIANTS`` (``"batch"`` writes the doubled output).
 
     ``stage``: ``None`` for the Euler kernel, else the stage kernel's flags (``has_acc``,
     ``acc_w2``, ``write_acc``, ``from_acc``, ``coef_one``). Pointers are declared 16-byte
@@ -348,8 +359,8 @@ def compile_for_target(state, field, traj=False, guided=False, contiguous=True, 
     sig.update({name: "i32" for name in ("d1", "d2", "d3", "d4", "d5")})
     sig.update({name: "i64" for name in ("s0", "s1", "s2", "s3", "s4", "s5")})
     constexprs = dict(BLOCK=BLOCK, V_NDIM=1 if contiguous else 3, V_CONTIG=contiguous,
-                      ROWS=traj, HAS_TRAJ=traj, DUP_OUT=guided, GUIDED=guided,
-                      P_F64=field == torch.float64)
+                      ROWS=traj, HAS_TRAJ=traj, DUP_OUT=guided == "batch", GUIDED=bool(guided),
+                      MIX=guided == "mix", P_F64=field == torch.float64)
     if stage is None:
         constexprs["S_F64"] = out_t == "fp64"
     else:
