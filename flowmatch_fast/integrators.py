@@ -134,7 +134,7 @@ def fused_ok(backend, x, k, acc=None, k_uncond=None, mix=False) -> bool:
     """The one decision between the backend's fused step and the reference step.
 
     Alpamayo 1.5's mix ``(1 - w) * vu + w * vg`` is fused only by a backend that says so
-    (``FUSES_MIX_GUIDANCE``; the CUDA extension does not yet) and only for two fields of one
+    (``FUSES_MIX_GUIDANCE``: Triton and the CUDA extension) and only for two fields of one
     dtype (mixed dtypes round each product in its own dtype: the reference computes those).
     """
     if mix and not (getattr(backend, "FUSES_MIX_GUIDANCE", False) and k_uncond.dtype == k.dtype

@@ -10,6 +10,7 @@ import gc
 import inspect
 import itertools
 import math
+import types
 
 import pytest
 import torch
@@ -333,10 +334,14 @@ def test_fused_mix_matches_the_expression(target, case_rng):
 def test_one_place_decides_fused_or_reference():
     x = torch.zeros(2, 3)
     bf, f32 = torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(2, 3)
-    assert fused_ok(triton_euler, x, bf, None, bf, mix=True)
-    assert not fused_ok(triton_euler, x, bf, None, f32, mix=True)  # mixed dtypes: reference
-    assert not fused_ok(cuda_euler, x, bf, None, bf, mix=True)  # no CUDA kernel for the mix yet
-    assert fused_ok(cuda_euler, x, bf, None, bf, mix=False)
+    for backend in (triton_euler, cuda_euler):
+        assert backend.FUSES_MIX_GUIDANCE
+        assert fused_ok(backend, x, bf, None, bf, mix=True)
+        assert not fused_ok(backend, x, bf, None, f32, mix=True)  # mixed dtypes: reference
+        assert fused_ok(backend, x, bf, None, bf, mix=False)
+    unfused = types.SimpleNamespace()  # a backend module without FUSES_MIX_GUIDANCE
+    assert not fused_ok(unfused, x, bf, None, bf, mix=True)
+    assert fused_ok(unfused, x, bf, None, bf, mix=False)
 
 
 def test_triton_runs_one_fused_launch_per_guided_step(monkeypatch, case_rng):
