@@ -120,6 +120,26 @@ template <class P> struct Weights {
   P one_minus_w;
 };
 
+// The host emulation's test hooks (api.h: set_host_result_skew, set_host_mix_skew): every result
+// it writes moves this many ulps up; every kMix velocity moves this many ulps of the field dtype
+// up. Always 0 on the device, and on the host outside those tests.
+inline int g_host_result_skew = 0;
+inline int g_host_mix_skew = 0;
+
+template <class F, class P>
+__host__ __device__ __forceinline__ P skewed_mix(P v) {
+#ifndef __CUDA_ARCH__
+  for (int k = 0; k < g_host_mix_skew; ++k) {
+    if constexpr (sizeof(typename F::storage) == 2) {
+      v = F::widen(static_cast<typename F::storage>(F::narrow(v) + 1));  // next 16-bit pattern
+    } else {
+      v = std::nextafter(v, P(INFINITY));
+    }
+  }
+#endif
+  return v;
+}
+
 // The velocity of one element in the product dtype P (api.h's VelocityMode).
 template <int MODE, class F, class P = typename F::P>
 __host__ __device__ __forceinline__ P velocity(typename F::storage vc, typename F::storage vu,
@@ -135,14 +155,11 @@ __host__ __device__ __forceinline__ P velocity(typename F::storage vc, typename 
     // product and the sum in P and rounds it to the field dtype (for f16/bf16: a float32
     // rounding, then a 16-bit one, never fused into one).
     const P u = F::widen(vu);
-    return F::round(add_rn(F::round(mul_rn(u, w.one_minus_w)), F::round(mul_rn(c, w.w))));
+    return skewed_mix<F>(
+        F::round(add_rn(F::round(mul_rn(u, w.one_minus_w)), F::round(mul_rn(c, w.w)))));
   }
   return c;
 }
-
-// The host emulation's test hook (api.h: set_host_result_skew): every result it writes moves
-// this many ulps up. Always 0 on the device, and on the host outside that one test.
-inline int g_host_result_skew = 0;
 
 template <class T>
 __host__ __device__ __forceinline__ T skewed(T r) {

@@ -117,4 +117,6 @@ HostLaunch host_launches() { return g_host_launches; }
 
 void set_host_result_skew(int ulps) { g_host_result_skew = ulps; }
 
+void set_host_mix_skew(int ulps) { g_host_mix_skew = ulps; }
+
 }  // namespace fmf

@@ -19,9 +19,10 @@ from flowmatch_fast import alpamayo1_5, alpamayo_r1, backends
 from flowmatch_fast import FlowMatching as R1FlowMatching
 from flowmatch_fast.alpamayo1_5 import BaseDiffusion, FlowMatching
 from flowmatch_fast.graph import GraphCache, field_key
-from flowmatch_fast.integrators import fused_ok
+from flowmatch_fast.integrators import METHODS, fused_ok
 from flowmatch_fast.kernels import cuda_euler, reference, triton_euler
 from flowmatch_fast.kernels.reference import TimeGrid
+from cuda_ext import emulated  # noqa: F401  (the host-emulation fixture)
 from fields import FIELD_DTYPES, LAYOUTS, make_field, smooth
 from oracle import spec_sample_1_5
 from test_kernels import _field, target  # noqa: F401  (target: the fused-backend fixture)
@@ -370,6 +371,49 @@ def test_triton_runs_one_fused_launch_per_guided_step(monkeypatch, case_rng):
     torch.manual_seed(0)
     fm.sample(6, field, _unguided(field), return_all_steps=True)
     assert launches == [True] * steps
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_cuda_runs_one_fused_launch_per_guided_stage(emulated, monkeypatch, method, case_rng):
+    """The CUDA kernels (their host emulation, FLOWMATCH_FAST_CUDA_EMULATE=1): the 1.5 guided
+    update is one launch per stage of every step, no plain-torch mix, and gives the bits of the
+    SPEC's loop (Euler) or of the torch backend (rk4)."""
+    def no_reference(*args):
+        raise AssertionError("the reference mix ran instead of the fused kernel")
+
+    steps, seed = case_rng.randint(2, 6), case_rng.randrange(2**31)
+    field = make_field("contiguous", torch.bfloat16, [64, 2], seed)
+    fm = FlowMatching(method, steps, 2.5, (64, 2), True, backend="cuda")
+    kernel = "euler" if method == "euler" else "stage"
+    with monkeypatch.context() as patched:
+        patched.setattr(reference, "mixed_velocity", no_reference)
+        before = emulated.host_launches()[kernel]
+        torch.manual_seed(seed)
+        ours = fm.sample(6, field, _unguided(field), return_all_steps=True)
+        assert emulated.host_launches()[kernel] - before == steps * len(METHODS[method])
+    torch.manual_seed(seed)
+    if method == "euler":
+        want = spec_sample_1_5((64, 2), 6, field, _unguided(field), "cpu", steps, True,
+                               guidance=True, weight=2.5)
+    else:
+        want = FlowMatching(method, steps, 2.5, (64, 2), True, backend="torch").sample(
+            6, field, _unguided(field), return_all_steps=True)
+    _assert_same(ours, want, f"{method} steps={steps} seed={seed}")
+
+
+@pytest.mark.parametrize("dtype", FIELD_DTYPES, ids=str)
+def test_a_one_ulp_error_in_the_cuda_mix_fails_the_parity_checks(emulated, monkeypatch, dtype):
+    """The mutation check of the CUDA mix: the emulated kernels' mixed velocity one ulp (of the
+    field dtype) up, or their results one ulp up, must fail the 1.5 parity comparison."""
+    monkeypatch.setenv("FLOWMATCH_FAST_BACKEND", "cuda")
+    fields = lambda: (make_field("contiguous", dtype, [16, 2], 3),  # noqa: E731
+                      _unguided(make_field("contiguous", dtype, [16, 2], 4)))
+    _assert_same(*_guided_both(fields, [16, 2], 5, "cpu", 4, 2.5, 7), "exact")
+    for hook in (emulated.set_host_mix_skew, emulated.set_host_result_skew):
+        hook(1)
+        with pytest.raises(pytest.fail.Exception, match="not bitwise equal"):
+            _assert_same(*_guided_both(fields, [16, 2], 5, "cpu", 4, 2.5, 7), "one ulp up")
+        hook(0)
 
 
 # ------------------------------------------------------------------------------------- errors

@@ -318,6 +318,45 @@ def test_host_widening_matches_torch_for_every_bit_pattern(emulated):
         assert nan.sum() > 0 and (want[~nan] == 0).sum() == 2 and want.isinf().sum() == 2
 
 
+def _narrowing_cases():
+    """float32 bit patterns for float -> float16 / bfloat16: every high half (every sign, exponent
+    and bf16 mantissa) with low halves on and around the rounding boundaries (bf16 ties at 0x8000;
+    float16 ties at 0x1000 for normals and at 0x2000, 0x4000, 0x8000 for denormals, the rest in
+    the high half), plus random patterns."""
+    high = torch.arange(65536, dtype=torch.int64) << 16
+    lows = [0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x2001, 0x3000, 0x4000, 0x4001, 0x7FFF,
+            0x8000, 0x8001, 0x9000, 0xC000, 0xFFFF]
+    cases = [high | low for low in lows]
+    cases.append(torch.randint(0, 2**32, (1 << 20,), generator=torch.Generator().manual_seed(1)))
+    bits = torch.cat(cases)
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+def test_host_narrowing_matches_torch_over_many_bit_patterns(emulated):
+    """float32 -> float16 / bfloat16 as the kernels round on the host (kMix): the bits of torch's
+    .to(), round to nearest even, for zeros, denormals (of both widths), overflow to inf, inf,
+    exact ties either way; a NaN stays a NaN (payloads differ between torch's own scalar and
+    vector conversions, and the device canonicalises them)."""
+    codes = emulated.dtype_codes()
+    values = _narrowing_cases()
+    nan = values.isnan()
+    for dtype in (torch.float16, torch.bfloat16):
+        raw = emulated.narrow_host(codes[str(dtype).split(".")[1]], values.numpy().tobytes())
+        got = torch.frombuffer(bytearray(raw), dtype=torch.int16)
+        want = values.to(dtype).view(torch.int16)
+        assert got.view(dtype)[nan].isnan().all(), dtype
+        bad = (got != want) & ~nan
+        assert not bad.any(), (dtype, values[bad][:5].tolist())
+        # The cases hold what they claim: exact ties rounded up and down, overflow to inf.
+        wide, rounded = values.double(), want.view(dtype).double()
+        up, down = rounded.abs() > wide.abs(), rounded.abs() < wide.abs()
+        # a tie: as far from the next pattern on the other side (sign-magnitude: +-1 in the bits)
+        other = torch.where(up, want - 1, want + 1).view(dtype).double()
+        tie = (wide - rounded).abs() == (wide - other).abs()
+        assert (tie & up).sum() > 1000 and (tie & down).sum() > 1000, dtype
+        assert (want.view(dtype).isinf() & values.isfinite()).any(), dtype
+
+
 # -------------------------------------------------------------------- what the launcher decides
 def _launch(step, x, v, *, out=None, traj=None, vu=None, acc=None, doubled=False):
     """One emulated launch of euler_step / stage_step, checked against the reference on the same
