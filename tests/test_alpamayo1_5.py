@@ -3,7 +3,8 @@ SPEC's algorithm (``tests/oracle.py``), PyTorch's rounding of ``(1 - w) * vu + w
 guided update, errors.
 
 Runs on whatever backend ``FLOWMATCH_FAST_BACKEND`` selects (CI: plain torch, then Triton through
-the interpreter), on CPU and, when there is one, on a CUDA device.
+the interpreter, then the CUDA kernels through their host emulation), on CPU and, when there is
+one, on a CUDA device.
 """
 
 import gc
@@ -489,8 +490,8 @@ def test_cuda_graph_both_fields_in_one_graph_and_in_the_key():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FIELD_DTYPES, ids=str)
 def test_cuda_mix_rounding_matches_the_model(dtype):
-    """On CUDA the scalar is cast to opmath_t as on CPU: the same model, and the fused kernels
-    (Triton, and the reference the CUDA backend takes) equal PyTorch there too."""
+    """On CUDA the scalar is cast to opmath_t as on CPU: the same model (which the fused Triton
+    and CUDA kernels implement; test_fused_mix_matches_the_expression runs them there)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     gen = torch.Generator().manual_seed(2)
