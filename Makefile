@@ -21,6 +21,14 @@ test: install
 	@echo "== the same parity suite through the Triton kernels, interpreted on CPU tensors"
 	TRITON_INTERPRET=1 FLOWMATCH_FAST_BACKEND=triton $(PY) -m pytest tests -q -rs \
 		--ignore=tests/test_demo.py --ignore=tests/test_triton_compile.py
+	@if $(PY) -c "import flowmatch_fast._cuda_euler" 2>/dev/null; then \
+		echo "== the same suite through the CUDA kernels, emulated on the host (CPU tensors)"; \
+		FLOWMATCH_FAST_BACKEND=cuda FLOWMATCH_FAST_CUDA_EMULATE=1 $(PY) -m pytest tests -q -rs \
+			--ignore=tests/test_demo.py --ignore=tests/test_triton_compile.py \
+			--ignore=tests/test_cuda_binary.py \
+			--deselect tests/test_api.py::test_unavailable_backend_is_an_error_with_the_fix \
+			--deselect tests/test_backends.py::test_real_reasons_on_this_machine; \
+	else echo "== no CUDA extension built (no nvcc): the emulated CUDA pass is skipped"; fi
 	@echo "== benchmarks run once each (timings: make bench)"
 	$(PY) -m pytest bench -q --benchmark-disable
 
