@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cuda_ext import EXT, emulated, ext_or_skip  # noqa: F401  (emulated: a fixture)
-from flowmatch_fast import FlowMatching
+from flowmatch_fast import FlowMatching, alpamayo1_5
 from flowmatch_fast.integrators import METHODS
 from flowmatch_fast.kernels import cuda_euler, reference
 from flowmatch_fast.kernels.reference import TimeGrid
@@ -131,8 +131,41 @@ def test_torch_compile_traces_cuda_sampling_into_the_ops(monkeypatch, method, kw
     Traced on meta tensors (Dynamo runs on fake tensors anyway, so no GPU is needed); the
     backend records the graph and stops. The GPU test below runs the same graph for real.
     """
-    monkeypatch.setattr(cuda_euler, "unavailable_reason", lambda device: None)
     steps = 3
+    fm = FlowMatching(x_dims=(64, 2), backend="cuda", num_inference_steps=steps)
+    graph = _traced_graph(monkeypatch, lambda: fm.sample(6, _smooth, device="meta",
+                                                         int_method=method, **kwargs))
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    op = "flowmatch_fast.cuda_euler_step" if method == "euler" else "flowmatch_fast.cuda_stage_step"
+    assert targets.count(op) == steps * len(METHODS[method]), targets
+    other = "flowmatch_fast.cuda_stage_step" if method == "euler" else "flowmatch_fast.cuda_euler_step"
+    assert other not in targets
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_torch_compile_traces_the_1_5_guided_update_into_the_ops(monkeypatch, method):
+    """Alpamayo 1.5's guided sampling under torch.compile(fullgraph=True): one op per stage with
+    mix=True, the two fields' mix inside it (no plain-torch mix in the graph)."""
+    monkeypatch.setattr(reference, "mixed_velocity", None)  # tracing it would fail
+    steps = 3
+    fm = alpamayo1_5.FlowMatching(method, steps, 2.5, (64, 2), True, backend="cuda")
+    unguided = lambda *, x, t: _smooth(x=-x, t=t)  # noqa: E731
+    graph = _traced_graph(monkeypatch, lambda: fm.sample(6, _smooth, unguided, device="meta"))
+    op = "flowmatch_fast.cuda_euler_step" if method == "euler" else "flowmatch_fast.cuda_stage_step"
+    calls = [n for n in graph.graph.nodes if n.op == "call_function" and str(n.target) == op]
+    assert len(calls) == steps * len(METHODS[method])
+    assert all(n.args[-1] is True for n in calls), [n.args for n in calls]  # the op's mix
+
+
+def _smooth(*, x, t):
+    return torch.sin(1.7 * x) - 0.5 * x * t + t
+
+
+def _traced_graph(monkeypatch, run):
+    """The one graph torch.compile(run, fullgraph=True) records of cuda-backend sampling on meta
+    tensors (Dynamo runs on fake tensors anyway, so no GPU is needed); the recording backend
+    stops before running it."""
+    monkeypatch.setattr(cuda_euler, "unavailable_reason", lambda device: None)
     graphs = []
 
     def record(gm, example_inputs):
@@ -143,23 +176,11 @@ def test_torch_compile_traces_cuda_sampling_into_the_ops(monkeypatch, method, kw
 
         return stop
 
-    def field(*, x, t):
-        return torch.sin(1.7 * x) - 0.5 * x * t + t
-
-    fm = FlowMatching(x_dims=(64, 2), backend="cuda", num_inference_steps=steps)
-
-    def run():
-        return fm.sample(6, field, device="meta", int_method=method, **kwargs)
-
     torch._dynamo.reset()
     with pytest.raises(_Traced):
         torch.compile(run, fullgraph=True, backend=record)()
     assert len(graphs) == 1
-    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
-    op = "flowmatch_fast.cuda_euler_step" if method == "euler" else "flowmatch_fast.cuda_stage_step"
-    assert targets.count(op) == steps * len(METHODS[method]), targets
-    other = "flowmatch_fast.cuda_stage_step" if method == "euler" else "flowmatch_fast.cuda_euler_step"
-    assert other not in targets
+    return graphs[0]
 
 
 def test_without_the_ops_compile_traces_the_reference(monkeypatch):
