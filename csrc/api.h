@@ -91,7 +91,8 @@ HostLaunch host_launches();
 // (0: exact). Proves that the parity tests notice a one-ulp change in the kernels' output.
 void set_host_result_skew(int ulps);
 // Test hook: the host emulation's kMix velocity moves `ulps` units in the last place of the field
-// dtype (0: exact). Proves that the 1.5 parity tests notice a one-ulp change in the mix alone.
+// dtype (up, or away from zero for f16/bf16; 0: exact). Proves that the 1.5 parity tests notice a
+// one-ulp change in the mix alone.
 void set_host_mix_skew(int ulps);
 
 const char* kernel_arch_list();

@@ -297,7 +297,7 @@ PYBIND11_MODULE(_cuda_euler, m) {
         "Test hook: the host emulation writes every result this many ulps up (0: exact).");
   m.def("set_host_mix_skew", &set_host_mix_skew, py::arg("ulps"),
         "Test hook: the host emulation's mixed (Alpamayo 1.5) velocity moves this many ulps of "
-        "the field dtype up (0: exact).");
+        "the field dtype (0: exact).");
   m.def("widen_host", [](int field_code, const std::vector<uint16_t>& bits) {
     if (field_code != kF16 && field_code != kBF16) {
       throw py::value_error("flowmatch_fast._cuda_euler: widen_host takes float16 or bfloat16");

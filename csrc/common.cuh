@@ -121,8 +121,9 @@ template <class P> struct Weights {
 };
 
 // The host emulation's test hooks (api.h: set_host_result_skew, set_host_mix_skew): every result
-// it writes moves this many ulps up; every kMix velocity moves this many ulps of the field dtype
-// up. Always 0 on the device, and on the host outside those tests.
+// it writes moves this many ulps up; every kMix velocity this many ulps of the field dtype (a
+// 16-bit field: to the next bit pattern, away from zero). Always 0 on the device, and on the host
+// outside those tests.
 inline int g_host_result_skew = 0;
 inline int g_host_mix_skew = 0;
 

@@ -405,7 +405,7 @@ def test_cuda_runs_one_fused_launch_per_guided_stage(emulated, monkeypatch, meth
 @pytest.mark.parametrize("dtype", FIELD_DTYPES, ids=str)
 def test_a_one_ulp_error_in_the_cuda_mix_fails_the_parity_checks(emulated, monkeypatch, dtype):
     """The mutation check of the CUDA mix: the emulated kernels' mixed velocity one ulp (of the
-    field dtype) up, or their results one ulp up, must fail the 1.5 parity comparison."""
+    field dtype) off, or their results one ulp up, must fail the 1.5 parity comparison."""
     monkeypatch.setenv("FLOWMATCH_FAST_BACKEND", "cuda")
     fields = lambda: (make_field("contiguous", dtype, [16, 2], 3),  # noqa: E731
                       _unguided(make_field("contiguous", dtype, [16, 2], 4)))
