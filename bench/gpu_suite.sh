@@ -105,7 +105,7 @@ if want tests; then  # in the dry run only the gpu-marked cases (they skip): CI 
 fi
 if want parity; then
   for b in ${SUITE_PARITY_BACKENDS:-triton torch}; do
-    ( FLOWMATCH_FAST_BACKEND=$b timeout 170 $PY -m pytest tests -q -m gpu $XDIST \
+    ( FLOWMATCH_FAST_BACKEND=$b timeout 150 $PY -m pytest tests -q -m gpu $XDIST \
         -p no:cacheprovider -rs > "$LOGDIR/parity-$b.log" 2>&1
       echo "rc=$?" >> "$LOGDIR/parity-$b.log" ) & pids+=($!); names+=(parity-$b)
   done

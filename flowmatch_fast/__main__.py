@@ -16,9 +16,13 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from . import __version__
+
 SUBCOMMANDS = {
     "demo": ("flowmatch_fast.demo",
              "train a tiny flow on a 2-D toy on CPU, sample, score, time vs. the original, plot"),
+    "info": ("flowmatch_fast.info",
+             "print versions, the CUDA extension, each backend's availability (for bug reports)"),
 }
 
 
@@ -27,22 +31,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m flowmatch_fast",
         description="flowmatch_fast: a drop-in, bitwise-faithful, fast flow-matching sampler.",
     )
+    parser.add_argument("--version", action="version", version=f"flowmatch_fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text,
                            description=getattr(module, "DESCRIPTION", help_text))
         module.add_arguments(p)
-        p.set_defaults(_main=module.main)
+        p.set_defaults(_main=module.main, _parser=p)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if getattr(args, "_main", None) is None:
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         parser.print_help()
         return 2
+    if unknown:  # reported with the subcommand's usage, not the top level's
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(args._main(args) or 0)
 
 

@@ -1,28 +1,19 @@
 """``python -m flowmatch_fast demo``: train a tiny flow on a 2-D toy, sample it, time it, plot it.
 
-What it does, in about 15 s on a 2-core CPU (about 8 s with ``--fast``):
-
-1. Trains a small MLP velocity field ``v(x, t)`` on a 2-D toy distribution generated in code
-   (two moons, or a ring of 8 Gaussians) with ``FlowMatching.construct_training_data`` and
-   ``FlowMatching.compute_loss_from_pred``; a tqdm bar shows the loss.
-2. Samples it with ``FlowMatching.sample`` and scores the samples against held-out data with the
-   maximum mean discrepancy (MMD, multi-scale RBF kernel), next to the same distance for the
-   initial Gaussian noise and for a fresh draw of the data itself (the finite-sample floor); the
-   sliced Wasserstein distance (SW1) is printed alongside. (SW1 is blind to mass smeared between
-   the ring's modes, which the MMD's small bandwidths see, so the MMD is the headline number.)
-3. Times ``FlowMatching.sample`` against the original Alpamayo-R1 loop
-   (:func:`flowmatch_fast._original.original_sample`) on the same trained field and checks that
-   both give bitwise-equal results under the same seed. On CUDA it also times the captured-graph
-   sampler (``FlowMatching.capture``) when the installed version has it.
-4. Writes a PNG: held-out data, samples, and a few trajectories from noise to data.
-
-Use it from Python with :func:`run_demo`, which returns a dict of the results.
+In about 15 s on a 2-core CPU (about 8 s with ``--fast``): trains a small MLP velocity field on a
+2-D toy (two moons, or a ring of 8 Gaussians) with ``construct_training_data`` and
+``compute_loss_from_pred``; samples it with ``FlowMatching.sample`` and scores the samples against
+held-out data by the maximum mean discrepancy (MMD, multi-scale RBF kernel; the headline, since
+it sees mass smeared between the ring's modes) and the sliced Wasserstein distance, next to the
+initial noise and a fresh draw of the data (the finite-sample floor); times ``sample`` against the
+original Alpamayo-R1 loop (:func:`flowmatch_fast._original.original_sample`) on the same field,
+checking that both are bitwise equal (on CUDA also the captured sampler, ``FlowMatching.capture``);
+writes a PNG of the data, the samples and a few trajectories. From Python: :func:`run_demo`.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -30,118 +21,21 @@ import time
 from typing import Callable, Optional, Union
 
 import torch
-from torch import nn
 
 from ._original import original_sample
+from .demo_toy import DATASETS, VelocityMLP, mmd_rbf, plot_demo, sliced_wasserstein, toy_data
 from .flow_matching import FlowMatching
 
 X_DIMS = (2,)
-DATASETS = ("moons", "ring")
 
 # Default and --fast settings. The --fast ones are what the tests run. Both clear the required 3x
 # (noise MMD / sample MMD) with a margin: measured ~9x (default) and ~8x (--fast) on the ring;
 # two moons is harder for this small MLP (~5x).
 DEFAULTS = dict(train_steps=5000, train_batch=256, lr=5e-3, num_samples=4000, repeats=15)
 FAST = dict(train_steps=2500, train_batch=256, lr=1e-2, num_samples=4000, repeats=5)
-MMD_BANDWIDTHS = (0.1, 0.25, 0.5, 1.0)  # data units; the toys are O(1) in scale
-NUM_PROJECTIONS = 1024
 NUM_TRAJECTORIES = 40
 REAL_USE_BATCH = 6  # Alpamayo-R1 draws 6 trajectories per scene by default
-
-
-# ---------------------------------------------------------------------------------- toy data
-def toy_data(name: str, n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` points of a 2-D toy distribution, roughly zero-mean and unit-scale, float32 on CPU."""
-    if name == "moons":
-        # Two interleaving half circles (as sklearn's make_moons), plus a little Gaussian noise.
-        n_upper = n // 2
-        angle = torch.rand(n, generator=generator) * math.pi
-        upper = torch.arange(n) < n_upper
-        x = torch.where(upper, torch.cos(angle), 1.0 - torch.cos(angle))
-        y = torch.where(upper, torch.sin(angle), 0.5 - torch.sin(angle))
-        pts = torch.stack([x, y], dim=1) + 0.06 * torch.randn(n, 2, generator=generator)
-        pts = (pts - torch.tensor([0.5, 0.25])) * torch.tensor([1.0 / 0.87, 1.0 / 0.5])
-        return pts[torch.randperm(n, generator=generator)]
-    if name == "ring":
-        # 8 Gaussians evenly spaced on a circle of radius 2.
-        k = torch.randint(0, 8, (n,), generator=generator).float()
-        centers = 2.0 * torch.stack([torch.cos(k * math.pi / 4), torch.sin(k * math.pi / 4)], 1)
-        return centers + 0.15 * torch.randn(n, 2, generator=generator)
-    raise ValueError(f"dataset must be one of {DATASETS}; got {name!r}")
-
-
-# ---------------------------------------------------------------------------------- the field
-class VelocityMLP(nn.Module):
-    """``v(x, t)``: an MLP on the concatenation ``[x, t]`` (3 inputs), SiLU, 2 outputs."""
-
-    def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3):
-        super().__init__()
-        mods, width = [], dim + 1
-        for _ in range(layers):
-            mods += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        mods.append(nn.Linear(width, dim))
-        self.net = nn.Sequential(*mods)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # t arrives as [B, 1] (an expanded view of one time); broadcast a [1, 1] or 0-dim t too.
-        t = t.reshape(-1, 1).to(x.dtype).expand(x.shape[0], 1)
-        return self.net(torch.cat([x, t], dim=1))
-
-
-# ---------------------------------------------------------------------------------- the metric
-def sliced_wasserstein(
-    a: torch.Tensor, b: torch.Tensor, num_projections: int = NUM_PROJECTIONS, seed: int = 0
-) -> float:
-    """Sliced Wasserstein-1 distance between two equal-size point clouds ``[N, D]``.
-
-    Both clouds are projected on ``num_projections`` random unit directions (a fixed seed, so every
-    call uses the same directions); in 1-D the W1 distance between two empirical distributions of
-    equal size is the mean absolute difference of their sorted values. Returns the mean over the
-    directions. Computed in float64 on CPU.
-    """
-    a = a.detach().to("cpu", torch.float64).reshape(a.shape[0], -1)
-    b = b.detach().to("cpu", torch.float64).reshape(b.shape[0], -1)
-    if a.shape != b.shape:
-        raise ValueError(f"need equal-size clouds, got {tuple(a.shape)} and {tuple(b.shape)}")
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(num_projections, a.shape[1], generator=g, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=1, keepdim=True)
-    # [P, N], contiguous along the samples: sorting the last dim is much faster than dim 0.
-    pa = (dirs @ a.T).contiguous().sort(dim=1).values
-    pb = (dirs @ b.T).contiguous().sort(dim=1).values
-    return (pa - pb).abs().mean().item()
-
-
-def mmd_rbf(a: torch.Tensor, b: torch.Tensor, bandwidths=MMD_BANDWIDTHS, chunk: int = 1024) -> float:
-    """Maximum mean discrepancy between two point clouds ``[N, D]``, ``[M, D]``, RBF kernel.
-
-    The kernel is the mean of Gaussian kernels ``exp(-|x - y|^2 / (2 s^2))`` over ``bandwidths``
-    (several scales, so that both the placement of the modes and their sharpness count). Returns
-    ``sqrt(max(MMD^2, 0))`` with the biased (V-statistic) estimate of ``MMD^2``, so two finite
-    draws of the same distribution score a small positive number (the finite-sample floor).
-    Computed on CPU in row chunks (float32 kernels, float64 sums).
-    """
-    a = a.detach().to("cpu", torch.float32).reshape(a.shape[0], -1)
-    b = b.detach().to("cpu", torch.float32).reshape(b.shape[0], -1)
-    scales = [-1.0 / (2.0 * s * s) for s in bandwidths]
-
-    def kernel_mean(x, y):
-        total = 0.0
-        y2 = y.square().sum(1)
-        for i in range(0, x.shape[0], chunk):
-            xi = x[i:i + chunk]
-            # |x|^2 + |y|^2 - 2 x.y  (clamped: rounding can make it slightly negative)
-            d2 = (xi.square().sum(1, keepdim=True) + y2).addmm_(xi, y.T, alpha=-2.0).clamp_min_(0)
-            buf = torch.empty_like(d2)
-            for c in scales:
-                # exp(-80) ~ 2e-35 is 0 here; clamping avoids exp's slow underflow path.
-                torch.mul(d2, c, out=buf).clamp_min_(-80.0).exp_()
-                total += buf.sum(1).double().sum().item()  # row sums in float32, then float64
-        return total / (x.shape[0] * y.shape[0] * len(scales))
-
-    mmd2 = kernel_mean(a, a) + kernel_mean(b, b) - 2.0 * kernel_mean(a, b)
-    return math.sqrt(max(mmd2, 0.0))
+DEFAULT_PNG = "flowmatch_demo.png"
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -189,54 +83,169 @@ def _time_row(label, n, t, small, t_small, t_ref, t_ref_small) -> str:
     return f"                  {label:<15}{cell(n, t, t_ref)}   {cell(small, t_small, t_ref_small)}"
 
 
-# ---------------------------------------------------------------------------------- the plot
-def plot_demo(path: str, heldout, samples, traj, noise_metric, sample_metric, title: str) -> str:
-    """Three panels: held-out data, samples, trajectories (noise -> data). Returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    heldout, samples, traj = heldout.cpu(), samples.cpu(), traj.cpu()
-    shown = torch.cat([heldout, samples, traj.reshape(-1, traj.shape[-1])])
-    lim = max(float(shown.abs().max()) * 1.05, 3.0)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2), dpi=100)
-    axes[0].scatter(heldout[:, 0], heldout[:, 1], s=3, alpha=0.5, c="tab:blue")
-    axes[0].set_title(f"held-out data (n={len(heldout)})")
-    axes[1].scatter(samples[:, 0], samples[:, 1], s=3, alpha=0.5, c="tab:orange")
-    axes[1].set_title(
-        f"FlowMatching.sample (n={len(samples)})\n"
-        f"MMD to data: {sample_metric:.3f}  (noise: {noise_metric:.3f})"
-    )
-    ax = axes[2]
-    ax.scatter(heldout[:, 0], heldout[:, 1], s=2, alpha=0.12, c="tab:blue", label="data")
-    for k in range(traj.shape[0]):
-        ax.plot(traj[k, :, 0], traj[k, :, 1], "-", lw=0.9, alpha=0.8, c="0.3")
-    ax.scatter(traj[:, 0, 0], traj[:, 0, 1], s=14, c="k", marker="o", label="noise (t=0)", zorder=3)
-    ax.scatter(traj[:, -1, 0], traj[:, -1, 1], s=22, c="tab:red", marker="*",
-               label="sample (t=1)", zorder=3)
-    ax.set_title(f"{traj.shape[0]} trajectories, {traj.shape[1] - 1} Euler steps")
-    ax.legend(loc="lower right", fontsize=8, markerscale=1.5)
-    for ax in axes:
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-        ax.set_aspect("equal")
-        ax.grid(alpha=0.25)
-    fig.suptitle(title, y=0.995)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight", pad_inches=0.15)
-    plt.close(fig)
-    return os.path.abspath(path)
-
-
 # ---------------------------------------------------------------------------------- the demo
+class DemoError(ValueError):
+    """A setting the demo cannot run with; the command line prints it without a traceback."""
+
+
+def check_device(device: Union[str, torch.device]) -> torch.device:
+    """The device to train and sample on: CPU, or CUDA when this torch sees a GPU."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise DemoError(f"--device {device!r}: the demo runs on 'cpu' or 'cuda' ({exc})") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise DemoError(f"--device {str(parsed)!r}: the demo runs on 'cpu' or 'cuda' (it trains "
+                        "and times real computations)")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise DemoError(f"--device {str(parsed)!r}: this torch sees no CUDA device "
+                        "(torch.cuda.is_available() is False)")
+    return parsed
+
+
+def resolve_out(out: Optional[str]) -> Optional[str]:
+    """The figure's absolute path: ``flowmatch_demo.png`` inside ``out`` when it names an existing
+    directory, else ``out``, whose directory must exist (the demo creates no directories)."""
+    if out is None:
+        return None
+    if os.path.isdir(out):
+        return os.path.abspath(os.path.join(out, DEFAULT_PNG))
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise DemoError(f"--out {out!r}: the directory {parent} does not exist (the demo creates "
+                        "no directories: make it first, or name an existing one)")
+    return os.path.abspath(out)
+
+
+def train_field(fm: FlowMatching, cfg: dict, dataset: str, seed: int, device: torch.device,
+                progress: bool = True):
+    """Train a fresh :class:`VelocityMLP` (initialised from the current RNG state) for
+    ``cfg["train_steps"]`` steps. Returns ``(model in eval mode, final loss EMA or None, seconds)``."""
+    model = VelocityMLP().to(device)
+    start, final_loss = time.perf_counter(), None
+    if cfg["train_steps"] > 0:
+        from tqdm.auto import tqdm
+
+        data_gen = torch.Generator().manual_seed(seed + 1)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg["lr"], total_steps=cfg["train_steps"], pct_start=0.1)
+        bar = tqdm(range(cfg["train_steps"]), desc="training", disable=not progress,
+                   mininterval=0.25, dynamic_ncols=True)
+        for _ in bar:
+            data = fm.construct_training_data(toy_data(dataset, cfg["train_batch"], data_gen).to(device))
+            loss = fm.compute_loss_from_pred(data, model(data["noisy_x"], data["timesteps"]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            value = loss.item()
+            final_loss = value if final_loss is None else 0.98 * final_loss + 0.02 * value
+            bar.set_postfix(loss=f"{final_loss:.4f}", refresh=False)
+        bar.close()
+    return model.eval(), final_loss, time.perf_counter() - start
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("inf")
+
+
+def score_samples(fm: FlowMatching, step_fn, dataset: str, n: int, seed: int,
+                  device: torch.device) -> dict:
+    """Sample ``n`` points after ``torch.manual_seed(seed)``, keeping every step, and score the
+    noise, the samples and a fresh draw of the data against held-out data (MMD and sliced W1)."""
+    heldout = toy_data(dataset, n, torch.Generator().manual_seed(seed + 1_000_003))
+    fresh = toy_data(dataset, n, torch.Generator().manual_seed(seed + 2_000_003))
+    torch.manual_seed(seed)
+    states, grid = fm.sample(n, step_fn, device=device, return_all_steps=True)
+    mmd = [mmd_rbf(c, heldout) for c in (states[:, 0], states[:, -1], fresh)]
+    sw = [sliced_wasserstein(c, heldout) for c in (states[:, 0], states[:, -1], fresh)]
+    return dict(states=states, grid=grid, heldout=heldout, metric="mmd_rbf",
+                noise_metric=mmd[0], sample_metric=mmd[1], data_floor_metric=mmd[2],
+                ratio=_ratio(mmd[0], mmd[1]), sw_noise=sw[0], sw_samples=sw[1],
+                sw_data_floor=sw[2], sw_ratio=_ratio(sw[0], sw[1]))
+
+
+def time_sampling(fm: FlowMatching, step_fn, n: int, steps: int, seed: int, device: torch.device,
+                  repeats: int, states: torch.Tensor, grid: torch.Tensor) -> dict:
+    """Check ``sample`` (and its trajectories ``states``, ``grid``) bitwise against the original
+    loop under the same seed; time both at batch ``n`` and 6, and on CUDA the captured sampler."""
+    small = REAL_USE_BATCH
+
+    def run_original(batch, **kwargs):
+        torch.manual_seed(seed)
+        return original_sample(list(X_DIMS), batch, step_fn, device=device, inference_step=steps,
+                               **kwargs)
+
+    def run_ours(batch):
+        torch.manual_seed(seed)
+        return fm.sample(batch, step_fn, device=device, inference_step=steps)
+
+    ref = run_original(n)
+    ref_states, ref_grid = run_original(n, return_all_steps=True)
+    r = dict(bitwise_equal=bool(torch.equal(ref, run_ours(n)) and torch.equal(ref_states, states)
+                                and torch.equal(ref_grid, grid)),
+             time_captured_s=None, time_captured_small_s=None)
+    r["time_original_s"], r["time_ours_s"] = time_calls(
+        [lambda: run_original(n), lambda: run_ours(n)], device, repeats)
+    r["time_original_small_s"], r["time_ours_small_s"] = time_calls(
+        [lambda: run_original(small), lambda: run_ours(small)], device, repeats * 4)
+    if device.type != "cuda":
+        r["capture_note"] = "captured-graph sampler: CUDA only (run with --device cuda)"
+        return r
+    try:
+        sampler = fm.capture(n, step_fn, device=device, inference_step=steps)
+        torch.manual_seed(seed)
+        capture_equal = bool(torch.equal(sampler(), ref))
+        (r["time_captured_s"],) = time_calls([sampler], device, repeats)
+        sampler_small = fm.capture(small, step_fn, device=device, inference_step=steps)
+        (r["time_captured_small_s"],) = time_calls([sampler_small], device, repeats * 4)
+        r["capture_note"] = f"captured sampler bitwise equal to the original: {capture_equal}"
+    except Exception as exc:  # report and carry on: the rest of the demo stands on its own
+        r["capture_note"] = f"captured sampler failed ({type(exc).__name__}: {exc}); skipped"
+    return r
+
+
+def report(r: dict) -> str:
+    """The summary printed at the end, from :func:`run_demo`'s results."""
+    n, small, reps = r["num_samples"], REAL_USE_BATCH, r["repeats"]
+    if r["final_loss"] is None:
+        training = ("none (train_steps=0): the field is untrained, so the samples are not "
+                    "expected to resemble the data")
+    else:
+        training = (f"{r['train_steps']} steps in {r['train_s']:.1f} s, final loss (EMA) "
+                    f"{r['final_loss']:.4f}")
+    lines = ["", "== summary " + "=" * 60, f"training      : {training}",
+             "quality       : distance to held-out data, lower is better   MMD (RBF)   sliced W1"]
+    for label, mmd, sw in (("initial noise (t=0)", "noise_metric", "sw_noise"),
+                           ("samples (t=1)", "sample_metric", "sw_samples"),
+                           ("fresh draw of the data (the floor)", "data_floor_metric", "sw_data_floor")):
+        lines.append(f"{'':18}{label:<44}{r[mmd]:9.4f}   {r[sw]:9.4f}")
+    lines += [
+        f"{'':18}-> samples are {r['ratio']:.1f}x closer than the noise (MMD; "
+        f"{r['sw_ratio']:.1f}x in sliced W1)",
+        f"bitwise       : FlowMatching.sample == original loop (torch.equal): {r['bitwise_equal']}",
+        f"time per call : {r['steps']} Euler steps, same field, median of {reps} calls "
+        f"({reps * 4} for batch {small})",
+    ]
+    for label, key in (("original loop", "original"), ("ours (sample)", "ours"),
+                       ("ours (capture)", "captured")):
+        if r[f"time_{key}_s"] is not None:
+            lines.append(_time_row(label, n, r[f"time_{key}_s"], small, r[f"time_{key}_small_s"],
+                                   r["time_original_s"], r["time_original_small_s"]))
+    lines.append(f"                ({r['capture_note']})")
+    if r["device"] == "cpu":
+        lines.append("                (on CPU the MLP dominates each call, so expect ~1x; the "
+                     "gains are on GPU)")
+    lines += [f"figure        : {r['png'] or '(not written)'}", f"wall time     : {r['wall_s']:.1f} s"]
+    return "\n".join(lines)
+
+
 def run_demo(
     steps: int = 20,
     device: Union[str, torch.device] = "cpu",
     seed: int = 0,
-    out: Optional[str] = "flowmatch_demo.png",
+    out: Optional[str] = DEFAULT_PNG,
     fast: bool = False,
     train_steps: Optional[int] = None,
     dataset: str = "ring",
@@ -249,207 +258,65 @@ def run_demo(
 ) -> dict:
     """Train, sample, score, time and plot; print a summary and return the results as a dict.
 
-    Keys: ``noise_metric``, ``sample_metric``, ``data_floor_metric`` (MMD to held-out data of the
-    initial noise, of the samples, of a fresh draw of the data), ``ratio`` (noise / sample),
-    ``sw_noise``, ``sw_samples``, ``sw_data_floor``, ``sw_ratio`` (the same in sliced W1),
-    ``final_loss``, ``bitwise_equal``, ``time_original_s``, ``time_ours_s``, ``speedup``,
-    ``time_original_small_s``, ``time_ours_small_s``, ``time_captured_s`` (``None`` unless run),
-    ``capture_note``, ``png`` (absolute path, ``None`` when ``out`` is ``None``), ``wall_s``, and
-    the settings used.
+    Keys: the settings used; ``noise_metric``, ``sample_metric``, ``data_floor_metric`` (MMD to
+    held-out data of the initial noise, of the samples, of a fresh draw of the data), ``ratio``
+    (noise / sample), ``sw_noise``, ``sw_samples``, ``sw_data_floor``, ``sw_ratio`` (the same in
+    sliced W1); ``final_loss`` (``None`` untrained), ``train_s``; ``bitwise_equal``;
+    ``time_{original,ours,captured}_s`` and ``time_{...}_small_s`` (captured: ``None`` off CUDA),
+    ``speedup``, ``speedup_small``, ``capture_note``; ``png`` (absolute path, ``None`` when ``out``
+    is ``None``), ``wall_s``. Bad settings raise :class:`DemoError` before any work.
     """
     wall_start = time.perf_counter()
     cfg = dict(FAST if fast else DEFAULTS)
-    if train_steps is not None:
-        cfg["train_steps"] = train_steps
-    if num_samples is not None:
-        cfg["num_samples"] = num_samples
-    if repeats is not None:
-        cfg["repeats"] = repeats
+    for key, value in (("train_steps", train_steps), ("num_samples", num_samples),
+                       ("repeats", repeats)):
+        if value is not None:
+            cfg[key] = value
     if steps < 1 or cfg["train_steps"] < 0 or cfg["num_samples"] < 2 or cfg["repeats"] < 1:
-        raise ValueError("need steps >= 1, train_steps >= 0, num_samples >= 2, repeats >= 1")
+        raise DemoError("need steps >= 1, train_steps >= 0, num_samples >= 2, repeats >= 1")
     if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}; got {dataset!r}")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch.cuda.is_available() is False")
+        raise DemoError(f"dataset must be one of {DATASETS}; got {dataset!r}")
     if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1 or None, got {threads}")
+        raise DemoError(f"threads must be >= 1 or None, got {threads}")
+    device, png, n = check_device(device), resolve_out(out), cfg["num_samples"]
+    fm = FlowMatching(x_dims=list(X_DIMS), num_inference_steps=steps,
+                      train_timestep_sampler=timestep_sampler)
+    log(f"flowmatch_fast demo: {dataset} (2-D), device={device}, seed={seed}, "
+        f"{cfg['train_steps']} training steps, {steps} inference steps, {n} samples"
+        + (" [--fast]" if fast else ""))
     prev_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(cfg, steps, device, seed, out, fast, dataset, timestep_sampler, progress,
-                    log, wall_start)
+        torch.manual_seed(seed)
+        model, final_loss, train_s = train_field(fm, cfg, dataset, seed, device, progress)
+
+        def step_fn(*, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model(x, t)
+
+        scores = score_samples(fm, step_fn, dataset, n, seed, device)
+        log(f"MMD to held-out data: noise {scores['noise_metric']:.4f}, samples "
+            f"{scores['sample_metric']:.4f} ({scores['ratio']:.1f}x better), fresh data "
+            f"{scores['data_floor_metric']:.4f} (finite-sample floor)")
+        states, grid, heldout = scores.pop("states"), scores.pop("grid"), scores.pop("heldout")
+        timing = time_sampling(fm, step_fn, n, steps, seed, device, cfg["repeats"], states, grid)
+        log("bitwise equal to the original loop (torch.equal, same seed; final states and "
+            f"return_all_steps trajectories): {timing['bitwise_equal']}")
+        if png is not None:
+            plot_demo(png, heldout, states[:, -1], states[:min(NUM_TRAJECTORIES, n)],
+                      scores["noise_metric"], scores["sample_metric"],
+                      title=(f"flowmatch_fast demo: {dataset}, {cfg['train_steps']} training "
+                             f"steps, {steps} Euler steps, seed {seed}"))
     finally:
         torch.set_num_threads(prev_threads)
-
-
-def _run(cfg, steps, device, seed, out, fast, dataset, timestep_sampler, progress, log,
-         wall_start) -> dict:
-    n = cfg["num_samples"]
-
-    log(f"flowmatch_fast demo: {dataset} (2-D), device={device}, seed={seed}, "
-        f"{cfg['train_steps']} training steps, {steps} inference steps, {n} samples"
-        + (" [--fast]" if fast else ""))
-
-    # ---- 1. train
-    torch.manual_seed(seed)
-    data_gen = torch.Generator().manual_seed(seed + 1)
-    fm = FlowMatching(x_dims=list(X_DIMS), num_inference_steps=steps,
-                      train_timestep_sampler=timestep_sampler)
-    model = VelocityMLP().to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg["lr"], total_steps=max(cfg["train_steps"], 1), pct_start=0.1
-    )
-    final_loss = float("nan")
-    t_train = time.perf_counter()
-    if cfg["train_steps"] > 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(range(cfg["train_steps"]), desc="training", disable=not progress,
-                   mininterval=0.25, dynamic_ncols=True)
-        ema = None
-        for _ in bar:
-            x = toy_data(dataset, cfg["train_batch"], data_gen).to(device)
-            data = fm.construct_training_data(x)
-            pred = model(data["noisy_x"], data["timesteps"])
-            loss = fm.compute_loss_from_pred(data, pred)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            value = loss.item()
-            ema = value if ema is None else 0.98 * ema + 0.02 * value
-            bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
-        bar.close()
-        final_loss = ema
-    train_s = time.perf_counter() - t_train
-    model.eval()
-
-    def step_fn(*, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model(x, t)
-
-    # ---- 2. sample and score
-    heldout = toy_data(dataset, n, torch.Generator().manual_seed(seed + 1_000_003))
-    fresh = toy_data(dataset, n, torch.Generator().manual_seed(seed + 2_000_003))
-    torch.manual_seed(seed)
-    states, grid = fm.sample(n, step_fn, device=device, return_all_steps=True)
-    noise, samples = states[:, 0], states[:, -1]
-    noise_metric = mmd_rbf(noise, heldout)
-    sample_metric = mmd_rbf(samples, heldout)
-    floor_metric = mmd_rbf(fresh, heldout)
-    ratio = noise_metric / sample_metric if sample_metric > 0 else float("inf")
-    sw = [sliced_wasserstein(z, heldout) for z in (noise, samples, fresh)]
-    sw_ratio = sw[0] / sw[1] if sw[1] > 0 else float("inf")
-    log(f"MMD to held-out data: noise {noise_metric:.4f}, samples {sample_metric:.4f} "
-        f"({ratio:.1f}x better), fresh data {floor_metric:.4f} (finite-sample floor)")
-
-    # ---- 3. bitwise check and timing: original loop vs ours, same field, same seed
-    def run_original(batch):
-        torch.manual_seed(seed)
-        return original_sample(list(X_DIMS), batch, step_fn, device=device, inference_step=steps)
-
-    def run_ours(batch):
-        torch.manual_seed(seed)
-        return fm.sample(batch, step_fn, device=device, inference_step=steps)
-
-    ref, ours = run_original(n), run_ours(n)
-    torch.manual_seed(seed)
-    ref_states, ref_grid = original_sample(list(X_DIMS), n, step_fn, device=device,
-                                           inference_step=steps, return_all_steps=True)
-    bitwise = (torch.equal(ref, ours) and torch.equal(ref_states, states)
-               and torch.equal(ref_grid, grid))
-    log(f"bitwise equal to the original loop (torch.equal, same seed; final states and "
-        f"return_all_steps trajectories): {bitwise}")
-
-    reps, small = cfg["repeats"], REAL_USE_BATCH
-    t_orig, t_ours = time_calls([lambda: run_original(n), lambda: run_ours(n)], device, reps)
-    t_orig_small, t_ours_small = time_calls(
-        [lambda: run_original(small), lambda: run_ours(small)], device, reps * 4
-    )
-
-    # ---- 3b. the captured-graph sampler (CUDA only, when this version of the package has it)
-    t_captured, t_captured_small, capture_note = None, None, None
-    if device.type == "cuda" and hasattr(fm, "capture"):
-        try:
-            sampler = fm.capture(n, step_fn, device=device, inference_step=steps)
-            torch.manual_seed(seed)
-            capture_equal = bool(torch.equal(sampler(), ref))
-            (t_captured,) = time_calls([sampler], device, reps)
-            sampler_small = fm.capture(small, step_fn, device=device, inference_step=steps)
-            (t_captured_small,) = time_calls([sampler_small], device, reps * 4)
-            capture_note = f"captured sampler bitwise equal to the original: {capture_equal}"
-        except Exception as exc:  # report and carry on: the rest of the demo stands on its own
-            capture_note = f"captured sampler failed ({type(exc).__name__}: {exc}); skipped"
-    elif device.type == "cuda":
-        capture_note = "this version of flowmatch_fast has no FlowMatching.capture; skipped"
-    else:
-        capture_note = "captured-graph sampler: CUDA only (run with --device cuda)"
-
-    # ---- 4. plot
-    png = None
-    if out is not None:
-        idx = torch.arange(min(NUM_TRAJECTORIES, n))
-        png = plot_demo(
-            out, heldout, samples, states[idx], noise_metric, sample_metric,
-            title=(f"flowmatch_fast demo: {dataset}, {cfg['train_steps']} training steps, "
-                   f"{steps} Euler steps, seed {seed}"),
-        )
-
-    wall = time.perf_counter() - wall_start
-    speedup = t_orig / t_ours if t_ours > 0 else float("inf")
-    speedup_small = t_orig_small / t_ours_small if t_ours_small > 0 else float("inf")
-
-    lines = [
-        "",
-        "== summary " + "=" * 60,
-        f"training      : {cfg['train_steps']} steps in {train_s:.1f} s, final loss (EMA) "
-        f"{final_loss:.4f}",
-        "quality       : distance to held-out data, lower is better   MMD (RBF)   sliced W1",
-        f"                  initial noise (t=0)                         {noise_metric:9.4f}"
-        f"   {sw[0]:9.4f}",
-        f"                  samples (t=1)                               {sample_metric:9.4f}"
-        f"   {sw[1]:9.4f}",
-        f"                  fresh draw of the data (the floor)          {floor_metric:9.4f}"
-        f"   {sw[2]:9.4f}",
-        f"                  -> samples are {ratio:.1f}x closer than the noise (MMD; "
-        f"{sw_ratio:.1f}x in sliced W1)",
-        f"bitwise       : FlowMatching.sample == original loop (torch.equal): {bitwise}",
-        f"time per call : {steps} Euler steps, same trained field, median of {reps} calls "
-        f"({reps * 4} for batch {small})",
-        _time_row("original loop", n, t_orig, small, t_orig_small, t_orig, t_orig_small),
-        _time_row("ours (sample)", n, t_ours, small, t_ours_small, t_orig, t_orig_small),
-    ]
-    if t_captured is not None:
-        lines.append(_time_row("ours (capture)", n, t_captured, small, t_captured_small, t_orig,
-                               t_orig_small))
-    if capture_note:
-        lines.append(f"                ({capture_note})")
-    if device.type == "cpu":
-        lines.append("                (on CPU the MLP dominates each call, so expect ~1x; the "
-                     "gains are on GPU)")
-    lines += [
-        f"figure        : {png if png else '(not written)'}",
-        f"wall time     : {wall:.1f} s",
-    ]
-    log("\n".join(lines))
-
-    return dict(
-        dataset=dataset, device=str(device), seed=seed, steps=steps,
-        train_steps=cfg["train_steps"], num_samples=n, repeats=reps,
-        final_loss=final_loss, train_s=train_s,
-        metric="mmd_rbf", noise_metric=noise_metric, sample_metric=sample_metric,
-        data_floor_metric=floor_metric, ratio=ratio,
-        sw_noise=sw[0], sw_samples=sw[1], sw_data_floor=sw[2], sw_ratio=sw_ratio,
-        bitwise_equal=bitwise,
-        time_original_s=t_orig, time_ours_s=t_ours, speedup=speedup,
-        time_original_small_s=t_orig_small, time_ours_small_s=t_ours_small,
-        speedup_small=speedup_small,
-        time_captured_s=t_captured, time_captured_small_s=t_captured_small,
-        capture_note=capture_note,
-        png=png, wall_s=wall,
-    )
+    result = dict(dataset=dataset, device=str(device), seed=seed, steps=steps,
+                  train_steps=cfg["train_steps"], num_samples=n, repeats=cfg["repeats"],
+                  final_loss=final_loss, train_s=train_s, **scores, **timing, png=png,
+                  speedup=_ratio(timing["time_original_s"], timing["time_ours_s"]),
+                  speedup_small=_ratio(timing["time_original_small_s"], timing["time_ours_small_s"]),
+                  wall_s=time.perf_counter() - wall_start)
+    log(report(result))
+    return result
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -466,26 +333,31 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _default(key: str) -> str:
+    normal, fast = DEFAULTS[key], FAST[key]
+    return f"default: {normal}" + ("" if normal == fast else f", or {fast} with --fast")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's options."""
     parser.add_argument("--steps", type=_int_at_least(1), default=20,
                         help="Euler steps per sample call, i.e. inference_step (default: 20)")
     parser.add_argument("--device", default="cpu",
-                        help="device to train and sample on: 'cpu' or 'cuda' (default: cpu); on "
-                             "cuda the captured-graph sampler is timed too")
+                        help="'cpu' or 'cuda': where to train and sample (default: cpu); on cuda "
+                             "the captured-graph sampler is timed too")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for the weights, the data and the sampling noise (default: 0)")
-    parser.add_argument("--out", default="flowmatch_demo.png",
-                        help="where to write the figure (default: ./flowmatch_demo.png)")
+    parser.add_argument("--out", default=DEFAULT_PNG,
+                        help=f"the figure: a file name, or an existing directory to write "
+                             f"{DEFAULT_PNG} into; no directory is created (default: ./{DEFAULT_PNG})")
     parser.add_argument("--train-steps", type=_int_at_least(0), default=None,
-                        help=f"optimizer steps to train the velocity field (default: "
-                             f"{DEFAULTS['train_steps']}, or {FAST['train_steps']} with --fast)")
+                        help=f"optimizer steps to train the velocity field ({_default('train_steps')}"
+                             "; 0 samples the untrained field)")
     parser.add_argument("--dataset", choices=DATASETS, default="ring",
                         help="the 2-D toy distribution: a ring of 8 Gaussians or two moons "
                              "(default: ring)")
     parser.add_argument("--samples", type=_int_at_least(2), default=None,
-                        help=f"samples drawn and scored (default: {DEFAULTS['num_samples']}, or "
-                             f"{FAST['num_samples']} with --fast)")
+                        help=f"samples drawn and scored ({_default('num_samples')})")
     parser.add_argument("--fast", action="store_true",
                         help="quick mode (~8 s; used by the tests): half the training steps, "
                              "fewer timing repeats")
@@ -499,19 +371,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the demo from parsed arguments; returns the exit status."""
     try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        print(f"error: --device {args.device!r}: {exc}", file=sys.stderr)
+        result = run_demo(
+            steps=args.steps, device=args.device, seed=args.seed, out=args.out, fast=args.fast,
+            train_steps=args.train_steps, dataset=args.dataset, num_samples=args.samples,
+            progress=not args.no_progress, threads=args.threads or None,
+        )
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda was asked for, but this torch sees no CUDA device "
-              "(torch.cuda.is_available() is False)", file=sys.stderr)
-        return 2
-    result = run_demo(
-        steps=args.steps, device=args.device, seed=args.seed, out=args.out, fast=args.fast,
-        train_steps=args.train_steps, dataset=args.dataset, num_samples=args.samples,
-        progress=not args.no_progress, threads=args.threads or None,
-    )
     return 0 if result["bitwise_equal"] else 1
 
 

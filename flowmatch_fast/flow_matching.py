@@ -221,6 +221,11 @@ def _batch_guidance(guidance, guidance_weight, default_weight) -> dict:
 class FlowMatching(Sampling, BaseDiffusion):
     """Flow-matching sampler, a drop-in replacement for Alpamayo-R1's ``FlowMatching``.
 
+    Required keyword ``x_dims`` (int or sequence of ints): the shape of one sample, without the
+    batch, e.g. ``FlowMatching(x_dims=(64, 2))``; it travels in ``**kwargs`` to
+    :class:`BaseDiffusion`, as in the original, and is stored as a list. ``sample`` returns
+    ``[B, *x_dims]``.
+
     Positional arguments keep the original order; our own options are keyword-only:
 
     - ``backend``: ``"auto" | "torch" | "triton" | "cuda"`` (default: the ``FLOWMATCH_FAST_BACKEND``
@@ -279,7 +284,7 @@ class FlowMatching(Sampling, BaseDiffusion):
         noise: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         **kwargs,
-    ):
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Integrate ``step_fn`` from Gaussian noise (t=0) to data (t=1).
 
         Returns ``x`` ``[B, *x_dims]``, or with ``return_all_steps=True`` the tuple

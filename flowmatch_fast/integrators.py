@@ -134,8 +134,9 @@ def fused_ok(backend, x, k, acc=None, k_uncond=None, mix=False) -> bool:
     """The one decision between the backend's fused step and the reference step.
 
     Alpamayo 1.5's mix ``(1 - w) * vu + w * vg`` is fused only by a backend that says so
-    (``FUSES_MIX_GUIDANCE``: Triton and the CUDA extension) and only for two fields of one
-    dtype (mixed dtypes round each product in its own dtype: the reference computes those).
+    (``FUSES_MIX_GUIDANCE``: Triton and the CUDA extension) and only for two strided fields
+    of one dtype (mixed dtypes round each product in its own dtype: the reference computes
+    those; a sparse unguided field gets PyTorch's own error there, as in the original).
     """
     if mix and not (getattr(backend, "FUSES_MIX_GUIDANCE", False) and k_uncond.dtype == k.dtype
                     and k_uncond.layout == torch.strided):

@@ -1,3 +1,4 @@
+import collections
 import os
 import random
 import time
@@ -23,6 +24,29 @@ BASE_SEED = int(os.environ.get("FLOWMATCH_TEST_SEED", int(time.time()) % 100000)
 def case_rng(request):
     """A per-test RNG derived from the base seed and the test id (replayable)."""
     return random.Random(f"{BASE_SEED}:{request.node.nodeid}")
+
+
+def _gpu_only(report) -> bool:
+    """A skip because there is no GPU: a ``gpu``-marked test, or a skip saying it needs CUDA."""
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    # A skipped module (pytest.importorskip) arrives as a CollectReport, without keywords.
+    return "gpu" in getattr(report, "keywords", ()) or "CUDA device" in reason
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The seed (``-q`` hides the header), one line for the GPU-only skips, one per other reason."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if r.when != "teardown"]
+    gpu_only = [r for r in skipped if _gpu_only(r)]
+    others = collections.Counter(
+        r.longrepr[2] if isinstance(r.longrepr, tuple) else str(r.longrepr)
+        for r in skipped if not _gpu_only(r))
+    write = terminalreporter.write_line
+    write(f"flowmatch_fast: random base seed {BASE_SEED} (replay: FLOWMATCH_TEST_SEED={BASE_SEED})")
+    if gpu_only:
+        write(f"flowmatch_fast: {len(gpu_only)} GPU-only tests skipped (no CUDA device here; "
+              "they run on a GPU machine: bash bench/gpu_suite.sh)")
+    for reason, count in sorted(others.items()):
+        write(f"flowmatch_fast: {count} skipped: {reason.removeprefix('Skipped: ')}")
 
 
 def _cuda_available():

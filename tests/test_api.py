@@ -158,7 +158,8 @@ def test_nan_and_inf_propagate():
     assert out[:, 0].isnan().all() and out[:, 1].isinf().all() and out[:, 2].isfinite().all()
 
 
-def test_unavailable_backend_is_an_error_with_the_fix():
+def test_unavailable_backend_is_an_error_with_the_fix(monkeypatch):
+    monkeypatch.delenv("FLOWMATCH_FAST_CUDA_EMULATE", raising=False)  # the emulated pass sets it
     fm = FlowMatching(x_dims=2, backend="cuda")
     with pytest.raises(RuntimeError, match="'cuda' is not available on cpu"):
         fm.sample(2, lambda *, x, t: x)

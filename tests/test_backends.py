@@ -52,7 +52,8 @@ def test_explicit_request_never_falls_back(pretend):
         backends.resolve("cuda", CUDA)
 
 
-def test_real_reasons_on_this_machine():
+def test_real_reasons_on_this_machine(monkeypatch):
+    monkeypatch.delenv("FLOWMATCH_FAST_CUDA_EMULATE", raising=False)  # the emulated pass sets it
     reasons = backends.available_backends("cpu")
     assert reasons["torch"] is None
     assert "CUDA tensors" in reasons["cuda"]

@@ -1,7 +1,8 @@
-"""``python -m flowmatch_fast demo``: it learns, it is bitwise-faithful, it writes a sane figure.
+"""``python -m flowmatch_fast demo``: it learns, it is bitwise-faithful, it writes a sane figure,
+and it turns bad settings (--out, --device, --train-steps 0, unknown options) into clear messages.
 
-Runs the demo in ``--fast`` mode twice (once in-process, once as the real command line); about
-20 s in all on a 2-core CPU.
+Runs the demo in ``--fast`` mode twice (once in-process, once as the real command line), and the
+edge cases on tiny settings; about 30 s in all on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -135,3 +136,93 @@ def test_metrics_sanity():
     # 3 * sqrt(2) * E|cos| = 3 * sqrt(2) * 2 / pi in 2-D.
     shift = sliced_wasserstein(a, a + 3.0, num_projections=4096)
     assert shift == pytest.approx(3.0 * 2**0.5 * 2 / torch.pi, rel=0.03)
+
+
+# ------------------------------------------------------------------ command-line edge cases
+TINY = ["--train-steps", "20", "--samples", "64", "--no-progress"]
+
+
+def _demo_cli(capsys, *argv):
+    from flowmatch_fast.__main__ import main
+
+    code = main(["demo", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_out_naming_an_existing_directory_writes_the_default_file_there(tmp_path, capsys):
+    code, out, err = _demo_cli(capsys, *TINY, "--out", str(tmp_path))
+    assert code == 0, out + err
+    png = tmp_path / "flowmatch_demo.png"
+    _check_png(png)
+    assert str(png) in out
+
+
+def test_out_in_a_missing_directory_is_refused_before_training_and_creates_nothing(tmp_path, capsys):
+    target = tmp_path / "not" / "there" / "demo.png"
+    code, out, err = _demo_cli(capsys, *TINY, "--out", str(target))
+    assert code == 2
+    assert str(tmp_path / "not" / "there") in err and "does not exist" in err
+    assert "training" not in out  # refused up front
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_zero_training_steps_says_the_field_is_untrained(tmp_path, capsys):
+    code, out, err = _demo_cli(capsys, "--train-steps", "0", "--samples", "64", "--no-progress",
+                               "--out", str(tmp_path / "d.png"))
+    assert code == 0, out + err
+    assert "untrained" in out
+    assert "nan" not in out.lower()
+
+
+@pytest.mark.parametrize("device", ["meta", "bogus"])
+def test_devices_the_demo_cannot_use_get_a_clear_error(device, capsys):
+    code, out, err = _demo_cli(capsys, "--device", device)
+    assert code == 2
+    assert f"--device {device!r}" in err and "'cpu' or 'cuda'" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_demo_option_shows_the_demo_usage(capsys):
+    from flowmatch_fast.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--bogus"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: python -m flowmatch_fast demo" in err and "--bogus" in err
+
+
+def test_samples_help_states_its_default_once():
+    import argparse
+
+    from flowmatch_fast import demo
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    (action,) = [a for a in parser._actions if a.dest == "samples"]
+    assert action.help.count(str(demo.DEFAULTS["num_samples"])) == 1, action.help
+
+
+def test_train_field_with_zero_steps_leaves_the_initial_weights():
+    from flowmatch_fast import demo
+
+    fm = FlowMatching(x_dims=[2], num_inference_steps=3)
+    torch.manual_seed(5)
+    model, final_loss, _ = demo.train_field(fm, dict(demo.FAST, train_steps=0), "ring", seed=5,
+                                            device=torch.device("cpu"), progress=False)
+    torch.manual_seed(5)
+    fresh = demo.VelocityMLP()
+    assert final_loss is None
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  fresh.state_dict().values()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_demo_on_cuda_times_the_captured_sampler(tmp_path):
+    r = run_demo(device="cuda", train_steps=50, num_samples=256, repeats=2, progress=False,
+                 out=None, log=lambda _: None)
+    assert r["bitwise_equal"] is True
+    assert r["time_captured_s"] > 0 and r["time_captured_small_s"] > 0
+    assert r["capture_note"] == "captured sampler bitwise equal to the original: True"

@@ -105,6 +105,23 @@ def test_fields_past_the_offset_limit_take_the_reference(monkeypatch):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_an_unguided_field_past_the_offset_limit_takes_the_reference_mix(monkeypatch):
+    monkeypatch.setattr(triton_euler, "_INT32_LIMIT", 1000)  # stands for 2**31
+    monkeypatch.setattr(triton_euler, "_kernels", lambda: (_NoLaunch(), _NoLaunch()))
+    x = torch.randn(2, 8)
+    v = torch.randn(2, 8, dtype=torch.bfloat16)
+    vu = torch.randn(2, 800, dtype=torch.bfloat16)[:, ::100]  # 16 elements spanning 1501
+    grid = TimeGrid(torch.linspace(0, 1, 3), 2, x.dim())
+    for w in (2.5, 1.0):
+        assert torch.equal(triton_euler.euler_step(x, v, grid, 1, None, None, vu, w, mix=True),
+                           reference.euler_step(x, v, grid, 1, None, None, vu, w, mix=True))
+        got = triton_euler.stage_step(x, v, grid, 1, 0.5, write_acc=True, k_uncond=vu,
+                                      guidance_weight=w, mix=True)
+        want = reference.stage_step(x, v, grid, 1, 0.5, write_acc=True, k_uncond=vu,
+                                    guidance_weight=w, mix=True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("method", ["euler", "rk4"])
 def test_negated_and_sparse_fields_under_1_5_guidance_match_the_original(device, method):
     """Either field of Alpamayo 1.5's mix may be a view the kernels cannot read as it is."""
