@@ -134,7 +134,7 @@ def fused_ok(backend, x, k, acc=None, k_uncond=None, mix=False) -> bool:
     """The one decision between the backend's fused step and the reference step.
 
     Alpamayo 1.5's mix ``(1 - w) * vu + w * vg`` is fused only by a backend that says so
-    (``FUSES_MIX_GUIDANCE``; the CUDA extension does not yet) and only for two strided fields
+    (``FUSES_MIX_GUIDANCE``: Triton and the CUDA extension) and only for two strided fields
     of one dtype (mixed dtypes round each product in its own dtype: the reference computes
     those; a sparse unguided field gets PyTorch's own error there, as in the original).
     """

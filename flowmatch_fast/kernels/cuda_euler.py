@@ -36,12 +36,15 @@ from .reference import TimeGrid, result_dtype, stage_dtype
 EXTENSION = "flowmatch_fast._cuda_euler"
 INSTALL_HINT = "install with nvcc on PATH: pip install --no-build-isolation -e ."
 EMULATE_ENV = "FLOWMATCH_FAST_CUDA_EMULATE"
+# Fuses Alpamayo 1.5's guidance ``(1 - w) * vu + w * vg`` (``mix=True``, the kernels' kMix mode)
+# for two fields of one dtype; integrators.fused_ok reads this flag.
+FUSES_MIX_GUIDANCE = True
 
 _ext = None  # the extension module, once imported
 _import_error: Optional[BaseException] = None
 _STATE_CODES: dict = {}  # torch dtype -> the binding's dtype code
 _FIELD_CODES: dict = {}
-_FIELD_ONLY = _CFG = 0  # the binding's velocity modes, once loaded
+_FIELD_ONLY = _CFG = _MIX = 0  # the binding's velocity modes, once loaded
 _runtime_error: Optional[str] = None  # the extension's CUDA runtime could not see a GPU
 _runtime_checked = False
 _arch_reasons: dict = {}  # device index -> None or why the build holds no code for it
@@ -65,9 +68,9 @@ def _load():
             _STATE_CODES[getattr(torch, name)] = codes[name]
         for name in ("float16", "bfloat16", "float32", "float64"):
             _FIELD_CODES[getattr(torch, name)] = codes[name]
-        global _FIELD_ONLY, _CFG
+        global _FIELD_ONLY, _CFG, _MIX
         modes = ext.velocity_modes()
-        _FIELD_ONLY, _CFG = modes["field"], modes["cfg"]
+        _FIELD_ONLY, _CFG, _MIX = modes["field"], modes["cfg"], modes["mix"]
         _ext = ext
     return _ext
 
@@ -180,6 +183,7 @@ def euler_step(
     traj: Optional[torch.Tensor] = None,
     v_uncond: Optional[torch.Tensor] = None,
     guidance_weight: float = 1.0,
+    mix: bool = False,
 ) -> torch.Tensor:
     """The fused update on CUDA tensors; same contract and bits as ``reference.euler_step``.
 
@@ -188,7 +192,7 @@ def euler_step(
     ``out`` of another dtype than the result's) go to the reference, which gives the same bits.
     """
     if torch.compiler.is_compiling():
-        return _traced_euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight)
+        return _traced_euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight, mix)
     ext = _ext if _ext is not None else _require_ext()
     shape = x.shape
     if v.shape != shape:
@@ -197,7 +201,7 @@ def euler_step(
         if v_uncond.shape != shape:
             v_uncond = v_uncond.expand(shape)
         if v_uncond.dtype != v.dtype:
-            return reference.euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight)
+            return reference.euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight, mix)
         if v_uncond.stride() != v.stride():  # the kernel reads both through one indexer
             v, v_uncond = v.contiguous(), v_uncond.contiguous()
     if len(shape) > ext.MAX_DIMS:  # more dims than the kernel's indexer holds (never in practice)
@@ -206,12 +210,12 @@ def euler_step(
     state_code = _STATE_CODES.get(x.dtype)
     field_code = _FIELD_CODES.get(v.dtype)
     if state_code is None or field_code is None or not x.is_contiguous():
-        return reference.euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight)
+        return reference.euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight, mix)
     dtype = result_dtype(x.dtype, v)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=x.device)
     elif out.dtype != dtype or not out.is_contiguous():
-        return reference.euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight)
+        return reference.euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight, mix)
 
     # The checks below are written out rather than shared with _stage_step through helpers:
     # this is the per-step hot path of the default method, and each Python call costs.
@@ -259,7 +263,7 @@ def euler_step(
     ext.euler_step(
         x.data_ptr(), state_code,
         v.data_ptr(), v_uncond.data_ptr() if v_uncond is not None else 0, field_code,
-        _FIELD_ONLY if v_uncond is None else _CFG,
+        _FIELD_ONLY if v_uncond is None else _MIX if mix else _CFG,
         out.data_ptr(), doubled,
         traj_ptr, traj_row, traj_stride,
         shape, v.stride(),
@@ -285,6 +289,7 @@ def stage_step(
     traj: Optional[torch.Tensor] = None,
     k_uncond: Optional[torch.Tensor] = None,
     guidance_weight: float = 1.0,
+    mix: bool = False,
 ):
     """One fused Runge-Kutta stage on CUDA tensors: the contract and bits of
     ``reference.stage_step``. Returns ``(x_out, acc_out or None)``.
@@ -299,17 +304,17 @@ def stage_step(
         raise ValueError(f"acc_weight must be 1 or 2 (the RK weights), got {acc_weight}")
     if torch.compiler.is_compiling():
         return _traced_stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc,
-                                  out, traj, k_uncond, guidance_weight)
+                                  out, traj, k_uncond, guidance_weight, mix)
     return _stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc, out, None,
-                       traj, k_uncond, guidance_weight)
+                       traj, k_uncond, guidance_weight, mix)
 
 
 def _stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc, out, acc_out, traj,
-                k_uncond, guidance_weight):
+                k_uncond, guidance_weight, mix):
     """:func:`stage_step` after its argument check; ``acc_out``: a buffer to write the
     accumulator into (the custom op's, allocated before it), else ``None`` (allocated here)."""
     args = (x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc, out, acc_out, traj,
-            k_uncond, guidance_weight)
+            k_uncond, guidance_weight, mix)
     ext = _ext if _ext is not None else _require_ext()
     shape = x.shape
     if k.shape != shape:
@@ -366,7 +371,7 @@ def _stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc, out, 
     ext.stage_step(
         x.data_ptr(), state_code,
         k.data_ptr(), k_uncond.data_ptr() if k_uncond is not None else 0, field_code,
-        _FIELD_ONLY if k_uncond is None else _CFG,
+        _FIELD_ONLY if k_uncond is None else _MIX if mix else _CFG,
         acc.data_ptr() if acc is not None else 0,
         out.data_ptr(), acc_out.data_ptr() if acc_out is not None else 0, doubled,
         traj_ptr, traj_row, traj_stride,
@@ -380,10 +385,10 @@ def _stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc, out, 
 
 
 def _reference_stage(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc, out, acc_out,
-                     traj, k_uncond, guidance_weight):
+                     traj, k_uncond, guidance_weight, mix):
     """The reference stage, its accumulator written into ``acc_out`` when a buffer is given."""
     out, s = reference.stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc, out,
-                                  traj, k_uncond, guidance_weight)
+                                  traj, k_uncond, guidance_weight, mix)
     if acc_out is not None and s is not None:
         acc_out.copy_(s)
         s = acc_out
@@ -450,49 +455,49 @@ class _OpGrid:
         return self._dt_views
 
 
-def _traced_euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight):
+def _traced_euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight, mix):
     if out is None:
         out = torch.empty(x.shape, dtype=result_dtype(x.dtype, v), device=x.device)
     if not _OPS_REGISTERED:  # this torch has no custom_op: trace the reference ops instead
-        return reference.euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight)
+        return reference.euler_step(x, v, grid, i, out, traj, v_uncond, guidance_weight, mix)
     torch.ops.flowmatch_fast.cuda_euler_step(
-        x, v, v_uncond, grid.values, i, out, traj, float(guidance_weight))
+        x, v, v_uncond, grid.values, i, out, traj, float(guidance_weight), bool(mix))
     return out
 
 
 def _traced_stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc, out, traj,
-                       k_uncond, guidance_weight):
+                       k_uncond, guidance_weight, mix):
     c = stage_dtype(x.dtype, k, acc)
     if out is None:
         out = torch.empty(x.shape, dtype=c, device=x.device)
     if not _OPS_REGISTERED:
         return reference.stage_step(x, k, grid, i, coef, acc, acc_weight, write_acc, from_acc,
-                                    out, traj, k_uncond, guidance_weight)
+                                    out, traj, k_uncond, guidance_weight, mix)
     acc_out = torch.empty(x.shape, dtype=c, device=x.device) if write_acc else None
     torch.ops.flowmatch_fast.cuda_stage_step(
         x, k, k_uncond, acc, grid.values, i, float(coef), float(acc_weight), bool(from_acc),
-        out, acc_out, traj, float(guidance_weight))
+        out, acc_out, traj, float(guidance_weight), bool(mix))
     return out, acc_out
 
 
 def _cuda_euler_step_op(
     x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
     grid_values: torch.Tensor, step: int, out: torch.Tensor, traj: Optional[torch.Tensor],
-    guidance_weight: float,
+    guidance_weight: float, mix: bool,
 ) -> None:
     grid = _OpGrid(grid_values, x.shape[0], x.dim())
-    euler_step(x, v, grid, step, out, traj, v_uncond, guidance_weight)
+    euler_step(x, v, grid, step, out, traj, v_uncond, guidance_weight, mix)
 
 
 def _cuda_stage_step_op(
     x: torch.Tensor, k: torch.Tensor, k_uncond: Optional[torch.Tensor],
     acc: Optional[torch.Tensor], grid_values: torch.Tensor, step: int, coef: float,
     acc_weight: float, from_acc: bool, out: torch.Tensor, acc_out: Optional[torch.Tensor],
-    traj: Optional[torch.Tensor], guidance_weight: float,
+    traj: Optional[torch.Tensor], guidance_weight: float, mix: bool,
 ) -> None:
     grid = _OpGrid(grid_values, x.shape[0], x.dim())
     _stage_step(x, k, grid, step, coef, acc, acc_weight, acc_out is not None, from_acc, out,
-                acc_out, traj, k_uncond, guidance_weight)
+                acc_out, traj, k_uncond, guidance_weight, mix)
 
 
 def _no_op(*args) -> None:
