@@ -67,3 +67,22 @@ def pytest_runtest_setup(item):
 def device(request):
     """Each test that takes it runs on CPU, and on a CUDA device (``gpu``: skipped without one)."""
     return torch.device(request.param)
+
+
+# Each fused backend where it runs: Triton on CPU tensors (TRITON_INTERPRET=1), the CUDA kernels
+# on CPU tensors (their host emulation, FLOWMATCH_FAST_CUDA_EMULATE=1), both on a GPU.
+TARGETS = [pytest.param((name, dev), id=f"{name}-{dev}",
+                        marks=[pytest.mark.gpu] if dev == "cuda" else [])
+           for name, dev in (("triton", "cpu"), ("cuda", "cpu"), ("triton", "cuda"), ("cuda", "cuda"))]
+
+
+@pytest.fixture(params=TARGETS)
+def target(request):
+    """(backend module, device) of one fused backend; skipped with the reason where it cannot run."""
+    from flowmatch_fast import backends  # not at import: tests/test_test_report.py runs this file alone
+
+    name, dev = request.param
+    reason = backends.unavailable_reason(name, torch.device(dev))
+    if reason is not None:
+        pytest.skip(reason)
+    return backends.resolve(name, torch.device(dev)), torch.device(dev)

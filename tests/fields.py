@@ -1,12 +1,15 @@
-"""Deterministic test fields ``step_fn(*, x, t)`` in many dtypes and memory layouts.
+"""The tests' fields: the dtypes and memory layouts every parity test draws from.
 
-Each factory returns a fresh callable (some keep a call counter, so a fresh one is needed per run).
+``make_field``: a deterministic field ``step_fn(*, x, t)`` for sampling (a fresh callable per run:
+some keep a call counter). ``make_velocity``: one velocity tensor, as a kernel receives it.
 """
 
 import torch
 
 FIELD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LAYOUTS = ("contiguous", "permuted", "strided", "batch1", "expanded", "mixed")
+# The layouts of one velocity tensor handed to a kernel (make_velocity).
+TENSOR_LAYOUTS = ("contiguous", "transposed", "strided", "batch1", "expanded", "misaligned")
 
 
 def smooth(x, t):
@@ -42,3 +45,23 @@ def make_field(layout: str, dtype: torch.dtype, x_dims, seed: int = 0):
         raise ValueError(layout)
 
     return field
+
+
+def make_velocity(layout: str, shape, dtype: torch.dtype, device, gen: torch.Generator):
+    """A velocity of ``shape`` (values ``3 * randn`` from ``gen``) in one of ``TENSOR_LAYOUTS``."""
+    data = torch.randn(shape, generator=gen).mul_(3)
+    if layout == "contiguous":
+        return data.to(device, dtype)
+    if layout == "transposed":  # first and last dims swapped in memory
+        return data.to(device, dtype).transpose(0, -1).contiguous().transpose(0, -1)
+    if layout == "strided":  # every third element of a wider buffer
+        wide = torch.zeros(*shape[:-1], 3 * shape[-1], dtype=dtype, device=device)
+        return wide[..., ::3].copy_(data)
+    if layout == "batch1":  # [1, *dims]: the kernel broadcasts it over the batch
+        return data[:1].to(device, dtype)
+    if layout == "expanded":  # already expanded: batch stride 0
+        return data[:1].to(device, dtype).expand(shape)
+    if layout == "misaligned":  # storage offset of one element: no 16-byte alignment
+        flat = torch.zeros(data.numel() + 1, dtype=dtype, device=device)
+        return flat[1:].view(shape).copy_(data)
+    raise ValueError(layout)

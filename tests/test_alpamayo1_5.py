@@ -23,10 +23,10 @@ from flowmatch_fast.graph import GraphCache, field_key
 from flowmatch_fast.integrators import METHODS, fused_ok
 from flowmatch_fast.kernels import cuda_euler, reference, triton_euler
 from flowmatch_fast.kernels.reference import TimeGrid
+from bitwise import assert_bitwise
 from cuda_ext import emulated  # noqa: F401  (the host-emulation fixture)
-from fields import FIELD_DTYPES, LAYOUTS, make_field, smooth
+from fields import FIELD_DTYPES, LAYOUTS, make_field, make_velocity, smooth
 from oracle import spec_sample_1_5
-from test_kernels import _field, target  # noqa: F401  (target: the fused-backend fixture)
 
 DTYPE_PAIRS = [(f, f) for f in FIELD_DTYPES] + [
     (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
@@ -35,20 +35,8 @@ WEIGHTS = (1.0, 0.0, -0.7, 2.5, 1.0 / 3.0)
 
 
 def _assert_same(ours, ref, msg):
-    """``torch.equal`` with NaN equal to NaN (inf/NaN fields propagate into both results)."""
-    if isinstance(ref, tuple):
-        assert isinstance(ours, tuple) and len(ours) == 2, msg
-        assert ours[0].is_contiguous(), msg
-        _assert_same(ours[1], ref[1], msg + " (grid)")
-        ours, ref = ours[0], ref[0]
-    assert ours.shape == ref.shape and ours.dtype == ref.dtype and ours.device == ref.device, (
-        f"{msg}: {tuple(ours.shape)} {ours.dtype} {ours.device} vs "
-        f"{tuple(ref.shape)} {ref.dtype} {ref.device}")
-    nan = ours.isnan()
-    assert torch.equal(nan, ref.isnan()), f"{msg}: NaNs in other places"
-    if not torch.equal(ours.masked_fill(nan, 0), ref.masked_fill(nan, 0)):
-        diff = (ours.double() - ref.double()).abs().nan_to_num(0, 0, 0).max().item()
-        pytest.fail(f"{msg}: not bitwise equal (max abs diff {diff:.3g})")
+    """Bitwise, NaN equal to NaN (inf/NaN fields propagate into both results)."""
+    assert_bitwise(ours, ref, msg, nan_equal=True)
 
 
 def _guided_both(fields, x_dims, batch, device, steps, weight, seed, return_all_steps=True,
@@ -316,12 +304,12 @@ def test_fused_mix_matches_the_expression(target, case_rng):
     grid = TimeGrid(torch.linspace(0, 1, 6, device=device), 1, 3)
     for state, field, layout, w in itertools.product(
             (torch.float32, torch.float64), FIELD_DTYPES,
-            ("contiguous", "transposed", "strided", "batch_broadcast"), WEIGHTS):
+            ("contiguous", "transposed", "strided", "expanded"), WEIGHTS):
         shape = (case_rng.randint(1, 7), case_rng.randint(1, 40), 2)
         x = torch.randn(shape, generator=gen, dtype=state).to(device)
-        vg = _field(layout, shape, field, device, gen)
-        vu = _field(layout, shape, field, device, gen)
-        if layout != "batch_broadcast":
+        vg = make_velocity(layout, shape, field, device, gen)
+        vu = make_velocity(layout, shape, field, device, gen)
+        if layout != "expanded":
             vg[0, 0, 0], vu[-1, -1, 1], vu[0, -1, 0] = float("inf"), float("nan"), -float("inf")
         i = case_rng.randrange(5)
         expect = x + grid.dt_views[i] * ((1 - w) * vu + w * vg)
@@ -458,8 +446,6 @@ def test_bad_arguments_raise_as_on_the_r1_class():
 # ---------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 def test_cuda_graph_both_fields_in_one_graph_and_in_the_key():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     dev = torch.device("cuda")
     w1 = torch.randn(2, 2, device=dev)
     vg = lambda *, x, t: (x @ w1 + t).to(torch.bfloat16)  # noqa: E731
@@ -493,8 +479,6 @@ def test_cuda_graph_both_fields_in_one_graph_and_in_the_key():
 def test_cuda_mix_rounding_matches_the_model(dtype):
     """On CUDA the scalar is cast to opmath_t as on CPU: the same model (which the fused Triton
     and CUDA kernels implement; test_fused_mix_matches_the_expression runs them there)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     gen = torch.Generator().manual_seed(2)
     vg = (torch.randn(1 << 16, generator=gen, dtype=torch.float64) * 3).to("cuda", dtype)
     vu = (torch.randn(1 << 16, generator=gen, dtype=torch.float64) * 3).to("cuda", dtype)

@@ -15,14 +15,13 @@ import pytest
 import torch
 
 from cuda_ext import ext_or_skip
+from fields import FIELD_DTYPES, TENSOR_LAYOUTS, make_velocity
 from flowmatch_fast import FlowMatching, alpamayo1_5
+from flowmatch_fast.graph import capture_callable
 from flowmatch_fast.integrators import METHODS
 from flowmatch_fast.kernels import cuda_euler, reference
 from flowmatch_fast.kernels.reference import TimeGrid, result_dtype, stage_dtype
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-FIELD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STATE_DTYPES = (torch.float32, torch.float64)
 SENTINEL = 1234.5
 # Velocity modes: the field alone, R1's guidance (doubled batch out), Alpamayo 1.5's mix.
@@ -44,25 +43,6 @@ def _grid(steps, batch, ndim, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     values = torch.rand(steps + 1, generator=g).sort().values.to(device)
     return TimeGrid(values, batch, ndim)
-
-
-def _make_field(layout, shape, dtype, device, gen):
-    data = torch.randn(shape, generator=gen).mul_(3)
-    if layout == "contiguous":
-        return data.to(device, dtype)
-    if layout == "transposed":
-        return data.to(device, dtype).transpose(0, -1).contiguous().transpose(0, -1)
-    if layout == "step":  # every third element of a wider buffer
-        wide = torch.zeros(*shape[:-1], 3 * shape[-1], dtype=dtype, device=device)
-        return wide[..., ::3].copy_(data)
-    if layout == "batch1":  # [1, *dims], broadcast by euler_step itself
-        return data[:1].to(device, dtype)
-    if layout == "expanded":  # already expanded: batch stride 0
-        return data[:1].to(device, dtype).expand(shape)
-    if layout == "misaligned":  # one element past an aligned start
-        flat = torch.zeros(data.numel() + 1, dtype=dtype, device=device)
-        return flat[1:].view(shape).copy_(data)
-    raise ValueError(layout)
 
 
 def _both(x, v, grid, i, *, traj=False, doubled=False, vu=None, w=1.0, mix=False,
@@ -113,8 +93,6 @@ def kdev(request, monkeypatch):
         ext_or_skip()
         monkeypatch.setenv(cuda_euler.EMULATE_ENV, "1")
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     return request.getfixturevalue("cuda")
 
 
@@ -135,15 +113,14 @@ def test_parity_dtypes_and_odd_sizes(kdev, numel):
     for state, field in itertools.product(STATE_DTYPES, FIELD_DTYPES):
         for shape in ((1, numel), (numel, 1)) if numel < 1000 else ((1, numel),):
             x = torch.randn(shape, generator=gen).to(kdev, state)
-            v = _make_field("contiguous", shape, field, kdev, gen)
+            v = make_velocity("contiguous", shape, field, kdev, gen)
             grid = _grid(5, shape[0], 2, kdev, seed=numel)
             for i in (0, 3):
                 _assert_same(_both(x, v, grid, i), (state, field, shape, i))
             _assert_same(_both(x, v, grid, 2, out_none=True), (state, field, shape, "out=None"))
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "step", "batch1", "expanded",
-                                    "misaligned"])
+@pytest.mark.parametrize("layout", TENSOR_LAYOUTS)
 @pytest.mark.parametrize("shape", [(6, 64, 2), (3, 5, 7), (2, 3, 4, 5, 6), (4, 1025)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_parity_layouts_guidance_traj_doubled(kdev, layout, shape):
@@ -151,8 +128,8 @@ def test_parity_layouts_guidance_traj_doubled(kdev, layout, shape):
     grid = _grid(7, shape[0], len(shape), kdev, seed=len(shape))
     for state, field in itertools.product(STATE_DTYPES, FIELD_DTYPES):
         x = torch.randn(shape, generator=gen).to(kdev, state)
-        v = _make_field(layout, shape, field, kdev, gen)
-        vu = _make_field(layout, shape, field, kdev, gen)
+        v = make_velocity(layout, shape, field, kdev, gen)
+        vu = make_velocity(layout, shape, field, kdev, gen)
         for traj, guided in itertools.product((False, True), GUIDANCE):
             what = (layout, shape, state, field, traj, guided)
             _assert_same(_both(x, v, grid, 4, traj=traj, **_guidance(guided, vu, 2.5)), what)
@@ -165,10 +142,10 @@ def test_parity_misaligned_state_and_output(kdev):
     for state, field in itertools.product(STATE_DTYPES, FIELD_DTYPES):
         flat = torch.randn(torch.Size(shape).numel() + 1, generator=gen).to(kdev, state)
         x = flat[1:].view(shape)  # contiguous but not 16-byte aligned
-        v = _make_field("contiguous", shape, field, kdev, gen)
+        v = make_velocity("contiguous", shape, field, kdev, gen)
         _assert_same(_both(x, v, grid, 1), (state, field, "x"))
         _assert_same(_both(x, v, grid, 1, misaligned_out=True), (state, field, "out"))
-        vu = _make_field("misaligned", shape, field, kdev, gen)
+        vu = make_velocity("misaligned", shape, field, kdev, gen)
         _assert_same(_both(x, v, grid, 2, vu=vu, w=-0.75, doubled=True, traj=True),
                      (state, field, "vu"))
         _assert_same(_both(x, v, grid, 2, vu=vu, w=-0.75, mix=True, traj=True),
@@ -182,19 +159,18 @@ def test_parity_rows_that_break_vectors(kdev):
         grid = _grid(3, shape[0], len(shape), kdev)
         for state, field in itertools.product(STATE_DTYPES, FIELD_DTYPES):
             x = torch.randn(shape, generator=gen).to(kdev, state)
-            v = _make_field("contiguous", shape, field, kdev, gen)
-            vu = _make_field("contiguous", shape, field, kdev, gen)
+            v = make_velocity("contiguous", shape, field, kdev, gen)
+            vu = make_velocity("contiguous", shape, field, kdev, gen)
             _assert_same(_both(x, v, grid, 1, traj=True, vu=vu, w=2.5, doubled=True),
                          (shape, state, field))
 
 
 @pytest.mark.gpu
-@needs_gpu
 def test_side_stream(cuda):
     gen = torch.Generator().manual_seed(11)
     shape = (4, 1000)
     x = torch.randn(shape, generator=gen).to(cuda)
-    v = _make_field("transposed", shape, torch.bfloat16, cuda, gen)
+    v = make_velocity("transposed", shape, torch.bfloat16, cuda, gen)
     grid = _grid(3, 4, 2, cuda)
     expected = reference.euler_step(x, v, grid, 1)
     side = torch.cuda.Stream()
@@ -206,22 +182,15 @@ def test_side_stream(cuda):
 
 
 @pytest.mark.gpu
-@needs_gpu
 def test_graph_capture_reads_dt_on_the_device(cuda):
     gen = torch.Generator().manual_seed(5)
     shape = (6, 64, 2)
     x = torch.randn(shape, generator=gen).to(cuda)
-    v = _make_field("batch1", shape, torch.float16, cuda, gen)
+    v = make_velocity("batch1", shape, torch.float16, cuda, gen)
     grid = _grid(4, 6, 3, cuda)
     out = torch.empty(shape, device=cuda)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (loads the kernel) outside the capture
-        cuda_euler.euler_step(x, v, grid, 2, out)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        cuda_euler.euler_step(x, v, grid, 2, out)
+    # the warm-up call loads the kernel outside the capture
+    graph, _ = capture_callable(lambda: cuda_euler.euler_step(x, v, grid, 2, out), cuda, warmup=1)
     for seed in (1, 2):
         grid.values.copy_(_grid(4, 6, 3, cuda, seed=seed).values)  # new dt, same buffer
         graph.replay()
@@ -263,7 +232,6 @@ def test_guided_sample_matches_torch_backend(kdev, method):
 
 
 @pytest.mark.gpu
-@needs_gpu
 def test_parity_past_2_to_the_31_elements(cuda):
     """The 64-bit index path (n > INT32_MAX): batch-broadcast field and trajectory rows."""
     if torch.cuda.get_device_properties(cuda).total_memory < 80 * 2**30:
@@ -286,7 +254,7 @@ def test_parity_past_2_to_the_31_elements(cuda):
 # which write the trajectory slot in integrators.integrate.
 STAGES = sorted({st for name, sts in METHODS.items() if name != "euler" for st in sts})
 LAST_STAGES = {sts[-1] for name, sts in METHODS.items() if name != "euler"}
-STAGE_LAYOUTS = ("contiguous", "transposed", "batch1", "expanded", "step")
+STAGE_LAYOUTS = ("contiguous", "transposed", "batch1", "expanded", "strided")
 
 
 def _nan_buffer(shape, dtype, device, misaligned=False):
@@ -351,8 +319,8 @@ def test_stage_parity_programs_dtypes_guidance_layouts(kdev, layout):
         itertools.product(STAGES, STATE_DTYPES, FIELD_DTYPES, GUIDANCE)
     ):
         x = torch.randn(shape, generator=gen).to(kdev, state)
-        k = _make_field(layout, shape, field, kdev, gen)
-        ku = _make_field(layout, shape, field, kdev, gen)
+        k = make_velocity(layout, shape, field, kdev, gen)
+        ku = make_velocity(layout, shape, field, kdev, gen)
         acc = None
         if st.uses_acc:
             acc_dtype = stage_dtype(state, k, None) if n % 2 else state
@@ -377,7 +345,7 @@ def test_stage_parity_odd_sizes_and_misaligned_buffers(kdev, shape):
         c = stage_dtype(state, torch.empty(0, dtype=field), None)
         numel = torch.Size(shape).numel()
         x = torch.randn(numel + 1, generator=gen).to(kdev, state)[1:].view(shape)
-        k = _make_field("misaligned", shape, field, kdev, gen)
+        k = make_velocity("misaligned", shape, field, kdev, gen)
         acc = torch.randn(numel + 1, generator=gen).to(kdev, c)[1:].view(shape)
         for j, st in enumerate(rk4):
             what = (shape, state, field, j)
@@ -388,7 +356,7 @@ def test_stage_parity_odd_sizes_and_misaligned_buffers(kdev, shape):
             _assert_same_stage(_stage_both(x, k, grid, 3, st, acc=a, out_none=True), 3,
                                what + ("out=None",))
             if numel < 1000:
-                ku = _make_field("contiguous", shape, field, kdev, gen)
+                ku = make_velocity("contiguous", shape, field, kdev, gen)
                 _assert_same_stage(_stage_both(x, k, grid, 0, st, acc=a, ku=ku, w=-0.75,
                                                doubled=True, traj=True), 0, what + ("guided",))
                 _assert_same_stage(_stage_both(x, k, grid, 0, st, acc=a, ku=ku, w=-0.75,
@@ -420,24 +388,18 @@ def test_stage_fallbacks_give_the_same_bits(kdev):
 
 
 @pytest.mark.gpu
-@needs_gpu
 def test_stage_graph_capture_reads_dt_on_the_device(cuda):
     gen = torch.Generator().manual_seed(6)
     shape = (6, 64, 2)
     st = METHODS["heun"][1]  # from_acc, coef 0.5
     x = torch.randn(shape, generator=gen).to(cuda)
-    k = _make_field("batch1", shape, torch.float16, cuda, gen)
+    k = make_velocity("batch1", shape, torch.float16, cuda, gen)
     acc = torch.randn(shape, generator=gen).to(cuda)
     grid = _grid(4, 6, 3, cuda)
     out = torch.empty(shape, device=cuda)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture
-        cuda_euler.stage_step(x, k, grid, 2, st.coef, acc, 1.0, False, True, out)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        cuda_euler.stage_step(x, k, grid, 2, st.coef, acc, 1.0, False, True, out)
+    graph, _ = capture_callable(
+        lambda: cuda_euler.stage_step(x, k, grid, 2, st.coef, acc, 1.0, False, True, out), cuda,
+        warmup=1)
     for seed in (1, 2):
         grid.values.copy_(_grid(4, 6, 3, cuda, seed=seed).values)
         graph.replay()
@@ -449,7 +411,6 @@ def test_stage_graph_capture_reads_dt_on_the_device(cuda):
 
 # ------------------------------------------------------------------- GPU: torch.compile
 @pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("method, kwargs", [
     ("euler", {}),
     ("rk4", {}),
@@ -480,7 +441,6 @@ def test_torch_compile_fullgraph_matches_eager(cuda, method, kwargs):
 
 
 @pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_torch_compile_of_1_5_guided_sampling_matches_eager(cuda, method):
     """Alpamayo 1.5's guided sampling (the mix inside the custom ops) compiled with
@@ -505,7 +465,6 @@ def test_torch_compile_of_1_5_guided_sampling_matches_eager(cuda, method):
 
 
 @pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "batch1", "misaligned"])
 def test_emulation_matches_the_device(cuda, monkeypatch, layout):
     """The same inputs through the host emulation (CPU) and the GPU, torch.equal: drift between
@@ -522,8 +481,8 @@ def test_emulation_matches_the_device(cuda, monkeypatch, layout):
     modes = [(False, 1.0), ("cfg", 2.5)] + [("mix", w) for w in (2.5, 1.0 / 3.0, -0.7)]
     for state, field, (guided, w) in itertools.product(STATE_DTYPES, FIELD_DTYPES, modes):
         x = torch.randn(shape, generator=gen).to(state)
-        v = _make_field(layout, shape, field, "cpu", gen)
-        vu = _make_field(layout, shape, field, "cpu", gen) if guided else None
+        v = make_velocity(layout, shape, field, "cpu", gen)
+        vu = make_velocity(layout, shape, field, "cpu", gen) if guided else None
         c = stage_dtype(state, v, None)
         acc = torch.randn(shape, generator=gen).to(c)
         mix = guided == "mix"

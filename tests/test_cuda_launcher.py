@@ -14,8 +14,10 @@ import re
 import pytest
 import torch
 
+from bitwise import assert_bitwise, sample_both
 from cuda_ext import EXT, emulated, ext_or_skip  # noqa: F401  (emulated: a fixture)
 from flowmatch_fast import FlowMatching, alpamayo1_5
+from flowmatch_fast.graph import capture_callable
 from flowmatch_fast.integrators import METHODS
 from flowmatch_fast.kernels import cuda_euler, reference
 from flowmatch_fast.kernels.reference import TimeGrid
@@ -63,7 +65,6 @@ def test_coalesce_merges_and_keeps_broadcasts():
     assert ext.coalesce([2, 3, 5], [0, 0, 1]) == ([6, 5], [0, 1])
     assert ext.coalesce([3, 4], [1, 3]) == ([3, 4], [1, 3])  # transposed: nothing merges
     assert ext.coalesce([1, 1], [7, 9]) == ([], [])
-
 
 
 def test_stage_binding_checks_its_arguments_before_any_cuda_call():
@@ -272,7 +273,6 @@ def test_without_gpu_the_extension_raises_clear_errors(monkeypatch):
         cuda_euler.euler_step(x, x, grid, 0)
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         cuda_euler.stage_step(x, x, grid, 0, 0.5, x, 2.0, True)
-
 
 
 # ---------------------------------------------------------------- the host emulation's switch
@@ -507,14 +507,12 @@ def test_more_field_dims_than_the_binding_holds(emulated):
 def test_a_one_ulp_error_in_the_kernels_fails_the_parity_checks(emulated, monkeypatch):
     """The mutation check: the host emulation's results moved one ulp up must fail the parity
     suite's comparison (sampling against the SPEC's loop) and the kernel-level comparison."""
-    import test_parity
-
     monkeypatch.setenv("FLOWMATCH_FAST_BACKEND", "cuda")
     args = ((64, 2), 6, 3, "contiguous", torch.bfloat16, torch.device("cpu"), 1, True)
-    test_parity._assert_bitwise(*test_parity._run_both(*args), "exact")
+    assert_bitwise(*sample_both(*args), "exact")
     emulated.set_host_result_skew(1)
     with pytest.raises(pytest.fail.Exception, match="not bitwise equal"):
-        test_parity._assert_bitwise(*test_parity._run_both(*args), "one ulp up")
+        assert_bitwise(*sample_both(*args), "one ulp up")
     for step in ("euler", "stage"):
         with pytest.raises(AssertionError):
             _launch(step, torch.randn(3, 5), torch.randn(3, 5))
@@ -547,12 +545,7 @@ def test_launch_goes_to_the_current_stream_of_the_tensors_device(monkeypatch):
         cuda_euler._target(torch.zeros(1, device="meta"))
 
 
-needs_two_gpus = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
-
-
-@pytest.mark.gpu
-@needs_two_gpus
+@pytest.mark.gpu(devices=2)
 @pytest.mark.parametrize("step", ["euler", "stage"])
 def test_launch_on_device_1_while_device_0_is_current(step):
     """Tensors on cuda:1, cuda:0 current, cuda:1's current stream capturing a graph: the launch
@@ -571,14 +564,7 @@ def test_launch_on_device_1_while_device_0_is_current(step):
                 cuda_euler.stage_step(x, v, grid, 0, 0.5, None, 1.0, False, False, out)
 
     with torch.cuda.device(1):
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            run()  # warm-up outside the capture
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
+        graph, _ = capture_callable(run, dev, warmup=1)
         grid.values.copy_(torch.tensor([0.0, 0.5, 1.0], device=dev))
         graph.replay()
         torch.cuda.synchronize(dev)

@@ -1,4 +1,5 @@
-"""Every fused backend's ``euler_step`` against the reference, bitwise, case by case.
+"""Every fused backend's ops (``euler_step``, ``stage_step``) against the reference, bitwise,
+case by case (the ``target`` fixture: tests/conftest.py).
 
 Runs for Triton on CPU tensors when ``TRITON_INTERPRET=1`` (CI does), for the CUDA extension on CPU
 tensors through its host emulation when ``FLOWMATCH_FAST_CUDA_EMULATE=1`` (CI does), and for
@@ -11,51 +12,13 @@ import itertools
 import pytest
 import torch
 
-from flowmatch_fast import backends
+from fields import FIELD_DTYPES, make_velocity
 from flowmatch_fast.kernels import reference
 from flowmatch_fast.kernels.reference import TimeGrid, result_dtype
 
-FIELD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 STATE_DTYPES = (torch.float32, torch.float64)
-LAYOUTS = ("contiguous", "transposed", "strided", "batch_broadcast", "misaligned")
+LAYOUTS = ("contiguous", "transposed", "strided", "expanded", "misaligned")
 SHAPES = ((1, 1), (3, 5), (6, 64, 2), (2, 1025), (4, 3, 7, 11), (1, 4099))
-
-
-def _targets():
-    out = []
-    # ("cuda", "cpu"): the CUDA kernels' host emulation (FLOWMATCH_FAST_CUDA_EMULATE=1).
-    for name, dev in (("triton", "cpu"), ("cuda", "cpu"), ("triton", "cuda"), ("cuda", "cuda")):
-        marks = [pytest.mark.gpu] if dev == "cuda" else []
-        out.append(pytest.param((name, dev), id=f"{name}-{dev}", marks=marks))
-    return out
-
-
-@pytest.fixture(params=_targets())
-def target(request):
-    name, dev = request.param
-    if dev == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    reason = backends.unavailable_reason(name, torch.device(dev))
-    if reason is not None:
-        pytest.skip(reason)
-    return backends.resolve(name, torch.device(dev)), torch.device(dev)
-
-
-def _field(layout, shape, dtype, device, gen):
-    data = torch.randn(shape, generator=gen).mul_(3).to(device)
-    if layout == "contiguous":
-        return data.to(dtype)
-    if layout == "transposed":
-        return data.to(dtype).transpose(0, -1).contiguous().transpose(0, -1)
-    if layout == "strided":
-        wide = torch.empty(*shape[:-1], 3 * shape[-1], dtype=dtype, device=device)
-        return wide[..., ::3].copy_(data)
-    if layout == "batch_broadcast":
-        return data[:1].to(dtype).expand(shape)
-    if layout == "misaligned":  # storage offset of one element: no 16-byte alignment
-        flat = torch.empty(data.numel() + 1, dtype=dtype, device=device)
-        return flat[1:].view(shape).copy_(data)
-    raise ValueError(layout)
 
 
 def _run(step, x, v, grid, i, rows_out, traj_buf, vu=None, w=1.0):
@@ -82,9 +45,9 @@ def test_euler_step_matches_reference(target, shape, case_rng):
             continue
         i = case_rng.randrange(steps)
         x = torch.randn(shape, generator=gen).to(device, state_dtype)
-        v = _field(layout, shape, field_dtype, device, gen)
-        vu = _field(layout, shape, field_dtype, device, gen) if guided else None
-        if vu is not None and layout == "batch_broadcast":
+        v = make_velocity(layout, shape, field_dtype, device, gen)
+        vu = make_velocity(layout, shape, field_dtype, device, gen) if guided else None
+        if vu is not None and layout == "expanded":
             vu = v + 0.5  # same layout and dtype as v is part of the contract
             vu = vu[:1].expand(shape)
         w = case_rng.choice([2.5, -0.75, 7.3])
@@ -143,13 +106,13 @@ def test_stage_step_matches_reference(target, case_rng):
     stages = {st for name, sts in METHODS.items() if name != "euler" for st in sts}
     for st, state_dtype, field_dtype, guided, layout in itertools.product(
         sorted(stages), STATE_DTYPES, FIELD_DTYPES, (False, True),
-        ("contiguous", "transposed", "batch_broadcast")
+        ("contiguous", "transposed", "expanded")
     ):
         i = case_rng.randrange(steps)
         x = torch.randn(shape, generator=gen).to(device, state_dtype)
-        k = _field(layout, shape, field_dtype, device, gen)
-        ku = _field(layout, shape, field_dtype, device, gen) if guided else None
-        if ku is not None and layout == "batch_broadcast":
+        k = make_velocity(layout, shape, field_dtype, device, gen)
+        ku = make_velocity(layout, shape, field_dtype, device, gen) if guided else None
+        if ku is not None and layout == "expanded":
             ku = (k[:1] + 0.5).expand(shape)  # same layout and dtype as k
         acc = torch.randn(shape, generator=gen).to(device, state_dtype) if st.uses_acc else None
         c = stage_dtype(x.dtype, k, acc)

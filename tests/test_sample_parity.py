@@ -8,34 +8,9 @@ import pytest
 import torch
 
 from flowmatch_fast import FlowMatching
+from bitwise import assert_bitwise, sample_both
 from fields import FIELD_DTYPES, LAYOUTS, make_field
 from oracle import spec_sample
-
-
-def _run_both(x_dims, batch, steps, layout, dtype, device, seed, return_all_steps):
-    fm = FlowMatching(x_dims=x_dims, num_inference_steps=steps)
-    torch.manual_seed(seed)
-    ours = fm.sample(batch, make_field(layout, dtype, fm.x_dims, seed), device=device,
-                     return_all_steps=return_all_steps)
-    torch.manual_seed(seed)
-    ref = spec_sample(x_dims, batch, make_field(layout, dtype, fm.x_dims, seed), device=device,
-                      steps=steps, return_all_steps=return_all_steps)
-    return ours, ref
-
-
-def _assert_bitwise(ours, ref, msg):
-    if isinstance(ref, tuple):
-        assert isinstance(ours, tuple) and len(ours) == 2, msg
-        states, grid = ours
-        assert states.is_contiguous(), msg
-        assert grid.shape == ref[1].shape and torch.equal(grid, ref[1]), msg
-        ours, ref = states, ref[0]
-    assert ours.shape == ref.shape, f"{msg}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    assert ours.dtype == ref.dtype, f"{msg}: dtype {ours.dtype} != {ref.dtype}"
-    assert ours.device == ref.device, msg
-    if not torch.equal(ours, ref):
-        diff = (ours.double() - ref.double()).abs().max().item()
-        pytest.fail(f"{msg}: not bitwise equal (max abs diff {diff:.3g})")
 
 
 @pytest.mark.parametrize("dtype", FIELD_DTYPES, ids=str)
@@ -47,8 +22,8 @@ def test_every_layout_and_dtype(device, layout, dtype, return_all_steps, case_rn
     steps = case_rng.randint(1, 12)
     seed = case_rng.randrange(2**31)
     msg = f"x_dims={x_dims} batch={batch} steps={steps} seed={seed}"
-    ours, ref = _run_both(x_dims, batch, steps, layout, dtype, device, seed, return_all_steps)
-    _assert_bitwise(ours, ref, msg)
+    ours, ref = sample_both(x_dims, batch, steps, layout, dtype, device, seed, return_all_steps)
+    assert_bitwise(ours, ref, msg)
 
 
 @pytest.mark.parametrize("case", range(12))
@@ -68,22 +43,22 @@ def test_fuzz_random_cases(device, case, case_rng):
     all_steps = case_rng.random() < 0.5
     msg = (f"x_dims={x_dims!r} batch={batch} steps={steps} layout={layout} dtype={dtype} "
            f"seed={seed} all_steps={all_steps}")
-    ours, ref = _run_both(x_dims, batch, steps, layout, dtype, device, seed, all_steps)
-    _assert_bitwise(ours, ref, msg)
+    ours, ref = sample_both(x_dims, batch, steps, layout, dtype, device, seed, all_steps)
+    assert_bitwise(ours, ref, msg)
 
 
 @pytest.mark.parametrize("x_dims", [(64, 2), 128, [3, 5, 7, 2], (1,)], ids=str)
 def test_alpamayo_and_odd_shapes(device, x_dims, case_rng):
     seed = case_rng.randrange(2**31)
     for batch in (1, 6, 64):
-        ours, ref = _run_both(x_dims, batch, 10, "contiguous", torch.bfloat16, device, seed, True)
-        _assert_bitwise(ours, ref, f"x_dims={x_dims} batch={batch} seed={seed}")
+        ours, ref = sample_both(x_dims, batch, 10, "contiguous", torch.bfloat16, device, seed, True)
+        assert_bitwise(ours, ref, f"x_dims={x_dims} batch={batch} seed={seed}")
 
 
 def test_float64_field_promotes_state(device, case_rng):
     seed = case_rng.randrange(2**31)
-    ours, ref = _run_both((5, 3), 4, 7, "mixed", torch.float64, device, seed, True)
-    _assert_bitwise(ours, ref, f"seed={seed}")
+    ours, ref = sample_both((5, 3), 4, 7, "mixed", torch.float64, device, seed, True)
+    assert_bitwise(ours, ref, f"seed={seed}")
     assert ours[0].dtype == torch.float64
 
 
@@ -96,7 +71,7 @@ def test_zero_dim_field(device):
         ours = fm.sample(5, field, device=device)
         torch.manual_seed(3)
         ref = spec_sample((4, 2), 5, field, device=device, steps=3)
-        _assert_bitwise(ours, ref, str(dtype))
+        assert_bitwise(ours, ref, str(dtype))
 
 
 def test_inference_step_override(device, case_rng):
@@ -106,7 +81,7 @@ def test_inference_step_override(device, case_rng):
     ours = fm.sample(3, make_field("contiguous", torch.float32, [8, 2]), device=device, inference_step=17)
     torch.manual_seed(seed)
     ref = spec_sample((8, 2), 3, make_field("contiguous", torch.float32, [8, 2]), device=device, steps=17)
-    _assert_bitwise(ours, ref, f"seed={seed}")
+    assert_bitwise(ours, ref, f"seed={seed}")
 
 
 def test_empty_batch(device):
