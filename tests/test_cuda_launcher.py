@@ -16,6 +16,7 @@ import torch
 
 from bitwise import assert_bitwise, sample_both
 from cuda_ext import EXT, emulated, ext_or_skip  # noqa: F401  (emulated: a fixture)
+from fields import smooth
 from flowmatch_fast import FlowMatching, alpamayo1_5
 from flowmatch_fast.graph import capture_callable
 from flowmatch_fast.integrators import METHODS
@@ -295,7 +296,7 @@ def test_emulation_makes_the_backend_available_on_cpu(emulated):
 
 
 def _field(*, x, t):
-    return (torch.sin(1.7 * x) - 0.5 * x * t + t).to(torch.bfloat16)
+    return smooth(x, t).to(torch.bfloat16)
 
 
 @pytest.mark.parametrize("method", ["euler", "midpoint", "heun", "rk4"])
