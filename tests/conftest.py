@@ -49,18 +49,21 @@ def pytest_terminal_summary(terminalreporter):
         write(f"flowmatch_fast: {count} skipped: {reason.removeprefix('Skipped: ')}")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
+def pytest_collection_modifyitems(items):
     """The one GPU skip: ``@pytest.mark.gpu`` skips without a CUDA device,
-    ``@pytest.mark.gpu(devices=2)`` without two. Asked at setup, never at import."""
-    marker = item.get_closest_marker("gpu")
-    if marker is None:
-        return
-    devices = marker.kwargs.get("devices", 1)
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if torch.cuda.device_count() < devices:
-        pytest.skip(f"needs {devices} CUDA devices")
+    ``@pytest.mark.gpu(devices=2)`` without two. Asked once the tests are collected, never at
+    import; the skip is reported at the test's own line."""
+    have = None
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is None:
+            continue
+        if have is None:
+            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        devices = marker.kwargs.get("devices", 1)
+        if have < devices:
+            item.add_marker(pytest.mark.skip(
+                reason="needs a CUDA device" if have == 0 else f"needs {devices} CUDA devices"))
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
