@@ -25,7 +25,30 @@ def test_graph_options_on_cpu():
         fm.capture(3, field, device="cpu")
 
 
+def test_capture_callable_needs_a_cuda_device():
+    with pytest.raises(RuntimeError, match="needs a CUDA device; got device 'cpu'"):
+        capture_callable(lambda: None, "cpu")
+
+
 # ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_capture_callable_warms_up_on_a_side_stream_then_replays_into_its_output():
+    streams = []
+    x = torch.zeros(4, device="cuda")
+
+    def fn():
+        streams.append(torch.cuda.current_stream())
+        return x + 1
+
+    graph, out = capture_callable(fn, "cuda", warmup=2)
+    assert len(streams) == 3  # two warm-up calls, then the captured one
+    assert len(set(streams)) == 1 and streams[0] != torch.cuda.current_stream()
+    x.fill_(5.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, torch.full((4,), 6.0, device="cuda"))
+
+
 def _mlp_field(dims, device, dtype=torch.bfloat16, hidden=256, seed=0):
     """A small MLP in bf16 on a float32 state, like Alpamayo's action expert in miniature."""
     gen = torch.Generator().manual_seed(seed)
