@@ -82,8 +82,8 @@ def cuda_time(fn, warmup=10, reps=100):
 def warm_up_device(device, seconds=2.0):
     """Busy the GPU for ``seconds`` (bf16 matmuls) so the first timed workload meets raised clocks.
 
-    A cold H200 times W1's eager original at batch 1 at 3,761 us, slower than batch 6 (2,180 us)
-    on the warmed GPU: 2 s of matmuls is the margin against that. On CPU: nothing.
+    On a cold H200, W1's eager original at batch 1 took 3,761 us, more than batch 6 timed right
+    after it (2,180 us): the first workload must not pay for the clock ramp. On CPU: nothing.
     """
     if torch.device(device).type != "cuda":
         return
