@@ -15,7 +15,7 @@ from . import backends
 from .base import BaseDiffusion, StepFn, as_int, warn_unknown_keywords
 from .graph import CapturedSampler, GraphCache, cuda_device, field_key, warn_not_cuda
 from .integrators import METHODS, Trajectory, integrate
-from .kernels.reference import TimeGrid
+from .kernels.contract import Guidance, TimeGrid
 
 INT_METHODS = tuple(METHODS)
 TIMESTEP_SAMPLERS = ("uniform", "beta")
@@ -141,8 +141,9 @@ class Sampling:
         batched = plan.guidance == "batch"
         grid = TimeGrid(values, 2 * plan.batch_size if batched else plan.batch_size, x.dim())
         trajectory = Trajectory(x, plan.steps) if plan.return_all_steps else None
-        x = integrate(plan.method, x, grid, step_fn, plan.backend, trajectory, batched,
-                      plan.weight, unguided_fn if plan.guidance == "mix" else None)
+        guidance = Guidance(plan.guidance or "none", plan.weight)
+        x = integrate(plan.method, x, grid, step_fn, plan.backend, trajectory, guidance,
+                      unguided_fn)
         if plan.return_all_steps:
             return trajectory.states, values
         return x

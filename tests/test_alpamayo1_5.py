@@ -20,7 +20,7 @@ from flowmatch_fast.alpamayo1_5 import BaseDiffusion, FlowMatching
 from flowmatch_fast.graph import GraphCache, field_key
 from flowmatch_fast.integrators import fused_ok
 from flowmatch_fast.kernels import cuda_euler, reference, triton_euler
-from flowmatch_fast.kernels.reference import TimeGrid
+from flowmatch_fast.kernels.contract import TimeGrid
 from fields import FIELD_DTYPES, LAYOUTS, make_field, smooth
 from oracle import spec_sample_1_5
 from test_kernels import _field, target  # noqa: F401  (target: the fused-backend fixture)

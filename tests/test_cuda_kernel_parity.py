@@ -18,7 +18,7 @@ from cuda_ext import ext_or_skip
 from flowmatch_fast import FlowMatching
 from flowmatch_fast.integrators import METHODS
 from flowmatch_fast.kernels import cuda_euler, reference
-from flowmatch_fast.kernels.reference import TimeGrid, result_dtype, stage_dtype
+from flowmatch_fast.kernels.contract import TimeGrid, result_dtype, stage_dtype
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

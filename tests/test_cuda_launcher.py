@@ -18,7 +18,7 @@ from cuda_ext import EXT, emulated, ext_or_skip  # noqa: F401  (emulated: a fixt
 from flowmatch_fast import FlowMatching
 from flowmatch_fast.integrators import METHODS
 from flowmatch_fast.kernels import cuda_euler, reference
-from flowmatch_fast.kernels.reference import TimeGrid
+from flowmatch_fast.kernels.contract import TimeGrid
 from oracle import spec_sample
 
 # ------------------------------------------------------------------ host-side index math

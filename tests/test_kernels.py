@@ -11,7 +11,7 @@ import torch
 
 from flowmatch_fast import backends
 from flowmatch_fast.kernels import reference
-from flowmatch_fast.kernels.reference import TimeGrid, result_dtype
+from flowmatch_fast.kernels.contract import TimeGrid, result_dtype
 
 FIELD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 STATE_DTYPES = (torch.float32, torch.float64)
@@ -128,7 +128,7 @@ def test_no_fused_multiply_add(target):
 def test_stage_step_matches_reference(target, case_rng):
     """Every Runge-Kutta stage program, every dtype pair, guided or not: bitwise."""
     from flowmatch_fast.integrators import METHODS
-    from flowmatch_fast.kernels.reference import stage_dtype
+    from flowmatch_fast.kernels.contract import stage_dtype
 
     backend, device = target
     if not hasattr(backend, "stage_step"):

@@ -8,7 +8,7 @@ import torch
 
 from flowmatch_fast import FlowMatching, backends
 from flowmatch_fast.kernels import triton_euler
-from flowmatch_fast.kernels.reference import TimeGrid
+from flowmatch_fast.kernels.contract import TimeGrid
 
 gpu = pytest.mark.gpu
 needs_two_gpus = pytest.mark.skipif("torch.cuda.device_count() < 2",

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from . import reference
-from .reference import TimeGrid, result_dtype, stage_dtype
+from .contract import TimeGrid, result_dtype, stage_dtype
 
 EXTENSION = "flowmatch_fast._cuda_euler"
 INSTALL_HINT = "install with nvcc on PATH: pip install --no-build-isolation -e ."
