@@ -77,11 +77,11 @@ class Sampling:
         self._graphs = GraphCache(max_graphs)
         self._warned_not_cuda = False
 
-    def _plan(self, batch_size, device, return_all_steps=False, inference_step=None,
-              int_method=None, *, guidance=None, weight=1.0, temperature=1.0, timesteps=None,
-              shift=None, noise=None, generator=None, captured=False) -> "_Plan":
+    def _plan(self, batch_size, device, options: "Options", captured=False) -> "_Plan":
         """Validate one call's arguments and resolve everything that must be known up front
-        (``weight``: already checked by the class, read only under ``guidance``)."""
+        (``options.weight``: already checked by the class, read only under guidance)."""
+        (return_all_steps, inference_step, int_method, guidance, weight, temperature, timesteps,
+         shift, noise, generator) = options
         batch_size = _check_positive_int("batch_size", batch_size, minimum=0)
         device = _sampling_device(device)
         method = self.int_method if int_method is None else int_method
@@ -148,7 +148,7 @@ class Sampling:
             return trajectory.states, values
         return x
 
-    def _sample(self, fields: tuple, batch_size, device, cuda_graph, **plan_args):
+    def _sample(self, fields: tuple, batch_size, device, cuda_graph, options: "Options"):
         """``sample``'s body: eager, or through the graph cache keyed on every field's identity
         (``fields``: the fields the plan calls, guided first; each watched for eviction) and
         the plan."""
@@ -160,9 +160,8 @@ class Sampling:
         # a cached graph would read a tensor or generator the caller may drop (explicit
         # capture(noise=..., generator=...) keeps them alive instead).
         graph_wanted = use_graph and on_cuda and not in_user_graph
-        cacheable = (graph_wanted and plan_args.get("noise") is None
-                     and plan_args.get("generator") is None)
-        plan = self._plan(batch_size, device, captured=in_user_graph or cacheable, **plan_args)
+        cacheable = graph_wanted and options.noise is None and options.generator is None
+        plan = self._plan(batch_size, device, options, captured=in_user_graph or cacheable)
         run = functools.partial(self._run, plan, *fields)
         if use_graph and not on_cuda and not self._warned_not_cuda:
             self._warned_not_cuda = True
@@ -178,7 +177,7 @@ class Sampling:
             run, graph_device, pool=pool, order=order, keep_alive=False,
             static_inputs=(plan.grid_values,)), run)
 
-    def _capture(self, fields: tuple, batch_size, device, warmup, **plan_args):
+    def _capture(self, fields: tuple, batch_size, device, warmup, options: "Options"):
         """``capture``'s body: one sampling call captured in a CUDA graph."""
         device = _sampling_device(device)
         if device.type != "cuda":
@@ -186,7 +185,7 @@ class Sampling:
                 f"FlowMatching.capture needs a CUDA device; got {str(device)!r}. "
                 "On CPU, call FlowMatching.sample (eager) instead."
             )
-        plan = self._plan(batch_size, device, captured=True, **plan_args)
+        plan = self._plan(batch_size, device, options, captured=True)
         run = functools.partial(self._run, plan, *fields)
         return CapturedSampler(run, plan.device, warmup=warmup, generator=plan.generator)
 
@@ -204,8 +203,26 @@ class Sampling:
         self._graphs.clear()
 
 
-def _batch_guidance(guidance, guidance_weight, default_weight) -> dict:
-    """The R1 class's ``guidance=`` / ``guidance_weight=`` as plan arguments."""
+class Options(NamedTuple):
+    """One call's options, as ``sample`` and ``capture`` of both classes take them; ``_plan``
+    validates them. ``guidance``: ``None``, ``"batch"`` (the R1 extra) or ``"mix"`` (1.5)."""
+
+    return_all_steps: bool = False
+    inference_step: Optional[int] = None
+    int_method: Optional[str] = None
+    guidance: Optional[str] = None
+    weight: float = 1.0
+    temperature: float = 1.0
+    timesteps: object = None
+    shift: Optional[float] = None
+    noise: Optional[torch.Tensor] = None
+    generator: Optional[torch.Generator] = None
+
+
+def _r1_options(fm, return_all_steps=False, inference_step=None, int_method=None, guidance=False,
+                guidance_weight=None, timesteps=None, shift=None, noise=None,
+                generator=None) -> Options:
+    """The R1 class's call as :class:`Options`; ``guidance=`` / ``guidance_weight=`` checked."""
     guidance = _check_bool("guidance", guidance)
     if guidance_weight is not None:
         weight = _check_real("guidance_weight", guidance_weight)
@@ -213,10 +230,11 @@ def _batch_guidance(guidance, guidance_weight, default_weight) -> dict:
             raise ValueError("guidance_weight= needs guidance=True (the doubled-batch field "
                              "protocol)")
     elif guidance:  # the original never reads inference_guidance_weight: only guidance does
-        weight = _check_real("inference_guidance_weight", default_weight)
+        weight = _check_real("inference_guidance_weight", fm.inference_guidance_weight)
     else:
-        return dict(guidance=None)
-    return dict(guidance="batch", weight=weight)
+        weight = 1.0
+    return Options(return_all_steps, inference_step, int_method, "batch" if guidance else None,
+                   weight, 1.0, timesteps, shift, noise, generator)
 
 
 class FlowMatching(Sampling, BaseDiffusion):
@@ -303,11 +321,9 @@ class FlowMatching(Sampling, BaseDiffusion):
           ``generator``: the ``torch.Generator`` the noise is drawn from.
         """
         warn_unknown_keywords("FlowMatching.sample", kwargs)
-        return self._sample(
-            (step_fn,), batch_size, device, cuda_graph, return_all_steps=return_all_steps,
-            inference_step=inference_step, int_method=int_method, timesteps=timesteps,
-            shift=shift, noise=noise, generator=generator,
-            **_batch_guidance(guidance, guidance_weight, self.inference_guidance_weight))
+        return self._sample((step_fn,), batch_size, device, cuda_graph, _r1_options(
+            self, return_all_steps, inference_step, int_method, guidance, guidance_weight,
+            timesteps, shift, noise, generator))
 
     @torch.no_grad()
     def capture(
@@ -336,11 +352,9 @@ class FlowMatching(Sampling, BaseDiffusion):
         :mod:`flowmatch_fast.graph` (static shapes, inputs updated in place, no host syncs).
         Raises ``RuntimeError`` on a non-CUDA device.
         """
-        return self._capture(
-            (step_fn,), batch_size, device, warmup, return_all_steps=return_all_steps,
-            inference_step=inference_step, int_method=int_method, timesteps=timesteps,
-            shift=shift, noise=noise, generator=generator,
-            **_batch_guidance(guidance, guidance_weight, self.inference_guidance_weight))
+        return self._capture((step_fn,), batch_size, device, warmup, _r1_options(
+            self, return_all_steps, inference_step, int_method, guidance, guidance_weight,
+            timesteps, shift, noise, generator))
 
     # ------------------------------------------------------------------ training
     def construct_training_data(self, x: torch.Tensor) -> dict:
