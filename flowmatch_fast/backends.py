@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from . import ops  # noqa: F401  (registers the torch.library ops before anything traces)
 from .kernels import cuda_euler, reference, triton_euler
 
 logger = logging.getLogger("flowmatch_fast")
@@ -20,8 +21,8 @@ logger = logging.getLogger("flowmatch_fast")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_VAR = "FLOWMATCH_FAST_BACKEND"
 
-# Imported eagerly (each imports its toolchain lazily; triton_euler registers its torch.library
-# ops when Triton is installed), so that torch.compile can trace a plain dict lookup.
+# Imported eagerly (each imports its toolchain lazily), so that torch.compile can trace a plain
+# dict lookup.
 _MODULES = {"torch": reference, "triton": triton_euler, "cuda": cuda_euler}
 # auto's order of preference on a CUDA device: the compiled kernel has the lowest launch cost
 # and runs at copy bandwidth (H200, bench/results/2026-11-28-NVIDIA-H200.md: 8.9 us host per

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from . import ops
 from .kernels import reference
 from .kernels.contract import (METHODS, NO_GUIDANCE, Guidance, Stage, TimeGrid, kernel_readable,
                                result_dtype, stage_dtype)
@@ -96,7 +97,7 @@ def euler_loop(x, grid: TimeGrid, step_fn, backend, trajectory: Optional[Traject
     fused = backend.euler_step
     supports = backend.supports
     plain = reference.euler_step
-    has_kernel = fused is not plain
+    has_kernel = fuses(backend)
     for i in range(grid.steps):
         v = step_fn(x=x, t=t_views[i])
         if type(v) is not torch.Tensor or v.shape != x.shape or v.device != x.device:
@@ -109,6 +110,12 @@ def euler_loop(x, grid: TimeGrid, step_fn, backend, trajectory: Optional[Traject
     return x
 
 
+def fuses(backend) -> bool:
+    """Whether ``backend`` has fused steps to offer here: not the reference, and under
+    torch.compile only when its ops are registered (else the reference ops are traced)."""
+    return backend is not reference and (ops.REGISTERED or not torch.compiler.is_compiling())
+
+
 def choose(backend, x, v, acc=None, v_uncond=None, mix=False, out=None, traj=None):
     """The one fallback decision: ``(step module, v, v_uncond)`` for one update.
 
@@ -116,7 +123,7 @@ def choose(backend, x, v, acc=None, v_uncond=None, mix=False, out=None, traj=Non
     readable as raw strided memory), else the reference step, which computes everything the
     kernels leave out (e.g. Alpamayo 1.5's mix of fields of two dtypes) in plain torch.
     """
-    if backend is not reference and backend.supports(x, v, acc, v_uncond, mix, out, traj):
+    if fuses(backend) and backend.supports(x, v, acc, v_uncond, mix, out, traj):
         return backend, kernel_readable(v), None if v_uncond is None else kernel_readable(v_uncond)
     return reference, v, v_uncond
 

@@ -57,8 +57,8 @@ def test_every_triton_launch_enters_the_tensors_device(monkeypatch):
         triton_euler.euler_step(x, v, grid, 0, None, None, v_uncond, 2.5, **kw)
         triton_euler.stage_step(x, v, grid, 0, 0.5, write_acc=True, k_uncond=v_uncond,
                                 guidance_weight=2.5, **kw)
-        triton_euler._triton_euler_step_op(x, v, v_uncond, grid.values, 0, out, None, 2.5, mix)
-        triton_euler._triton_stage_step_op(x, v, v_uncond, None, grid.values, 0, 0.5, 1.0, False,
+        triton_euler.launch_euler(x, v, v_uncond, grid.values, 0, out, None, 2.5, mix)
+        triton_euler.launch_stage(x, v, v_uncond, None, grid.values, 0, 0.5, 1.0, False,
                                            out, None, None, 2.5, mix)
     assert rec.launches == [("euler", x.device), ("stage", x.device)] * 4
 

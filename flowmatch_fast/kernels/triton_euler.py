@@ -177,12 +177,9 @@ def euler_step(
         v = v.expand(x.shape)
         if v_uncond is not None:
             v_uncond = v_uncond.expand(x.shape)
-    if torch.compiler.is_compiling():
-        torch.ops.flowmatch_fast.triton_euler_step(
-            x, v, v_uncond, grid.values, i, out, traj, float(guidance_weight), bool(mix))
-    elif x.numel():
-        _launch(_kernels()[0], x, _launch_config(x, v, grid.values, i, out, traj, v_uncond,
-                                                 guidance_weight, mix))
+    launch = (torch.ops.flowmatch_fast.triton_euler_step if torch.compiler.is_compiling()
+              else launch_euler)
+    launch(x, v, v_uncond, grid.values, i, out, traj, float(guidance_weight), bool(mix))
     return out
 
 
@@ -230,58 +227,30 @@ def stage_step(
         k = k.expand(x.shape)
         if k_uncond is not None:
             k_uncond = k_uncond.expand(x.shape)
-    if torch.compiler.is_compiling():
-        torch.ops.flowmatch_fast.triton_stage_step(
-            x, k, k_uncond, acc, grid.values, i, float(coef), float(acc_weight), bool(from_acc),
-            out, acc_out, traj, float(guidance_weight), bool(mix))
-    elif x.numel():
-        _launch(_kernels()[1], x, _stage_config(x, k, grid.values, i, coef, acc, acc_weight,
-                                                write_acc, from_acc, out, acc_out, traj, k_uncond,
-                                                guidance_weight, mix))
+    launch = (torch.ops.flowmatch_fast.triton_stage_step if torch.compiler.is_compiling()
+              else launch_stage)
+    launch(x, k, k_uncond, acc, grid.values, i, float(coef), float(acc_weight), bool(from_acc),
+           out, acc_out, traj, float(guidance_weight), bool(mix))
     return out, acc_out
 
 
-def _triton_euler_step_op(
-    x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
-    grid_values: torch.Tensor, step: int, out: torch.Tensor, traj: Optional[torch.Tensor],
-    guidance_weight: float, mix: bool,
-) -> None:
+def launch_euler(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
+                 grid_values: torch.Tensor, step: int, out: torch.Tensor,
+                 traj: Optional[torch.Tensor], guidance_weight: float, mix: bool) -> None:
+    """One Euler launch into buffers given (``v`` expanded to ``x``'s shape); the body of the
+    op ``flowmatch_fast::triton_euler_step`` (:mod:`flowmatch_fast.ops`)."""
     if x.numel():
         _launch(_kernels()[0], x, _launch_config(x, v, grid_values, step, out, traj, v_uncond,
                                                  guidance_weight, mix))
 
 
-def _triton_stage_step_op(
-    x: torch.Tensor, k: torch.Tensor, k_uncond: Optional[torch.Tensor],
-    acc: Optional[torch.Tensor], grid_values: torch.Tensor, step: int, coef: float,
-    acc_weight: float, from_acc: bool, out: torch.Tensor, acc_out: Optional[torch.Tensor],
-    traj: Optional[torch.Tensor], guidance_weight: float, mix: bool,
-) -> None:
+def launch_stage(x: torch.Tensor, k: torch.Tensor, k_uncond: Optional[torch.Tensor],
+                 acc: Optional[torch.Tensor], grid_values: torch.Tensor, step: int, coef: float,
+                 acc_weight: float, from_acc: bool, out: torch.Tensor,
+                 acc_out: Optional[torch.Tensor], traj: Optional[torch.Tensor],
+                 guidance_weight: float, mix: bool) -> None:
+    """One stage launch into buffers given; the body of ``flowmatch_fast::triton_stage_step``."""
     if x.numel():
         _launch(_kernels()[1], x, _stage_config(x, k, grid_values, step, coef, acc, acc_weight,
                                                 acc_out is not None, from_acc, out, acc_out, traj,
                                                 k_uncond, guidance_weight, mix))
-
-
-def _register_ops() -> None:
-    """``flowmatch_fast::triton_euler_step`` / ``triton_stage_step`` as ``torch.library.custom_op``s
-    with no-op fakes (they only write buffers they are given), so torch.compile traces ``sample``.
-
-    Registered at import: cheap, and needs neither Triton nor a GPU (the kernels load on first
-    call). ``custom_op`` rather than ``triton_op``: registering a ``triton_op`` imports
-    torch._inductor (1.7 s), and deferring it to trace time relied on ``is_compiling()`` inside
-    ``assume_constant_result``, which torch 2.11 does not report (seen failing on the H200).
-    Inductor keeps the op opaque; eager code never goes through it (see ``euler_step``).
-    """
-    custom_op = getattr(torch.library, "custom_op", None)
-    if custom_op is None:  # pragma: no cover - torch < 2.4
-        return
-    euler_op = custom_op("flowmatch_fast::triton_euler_step", _triton_euler_step_op,
-                         mutates_args=("out", "traj"))
-    euler_op.register_fake(lambda *args: None)
-    stage_op = custom_op("flowmatch_fast::triton_stage_step", _triton_stage_step_op,
-                         mutates_args=("out", "acc_out", "traj"))
-    stage_op.register_fake(lambda *args: None)
-
-
-_register_ops()
