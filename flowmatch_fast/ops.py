@@ -22,11 +22,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import cuda_euler, triton_euler
+from .kernels import cuda_euler
+from .kernels.triton import launch as triton_launch
 from .kernels.contract import KERNEL_STATE_DTYPES
 
 # backend name -> the module whose launch_euler / launch_stage the ops call
-LAUNCHERS = {"triton": triton_euler, "cuda": cuda_euler}
+LAUNCHERS = {"triton": triton_launch, "cuda": cuda_euler}
 REGISTERED = False  # False on a torch without custom_op (< 2.4): compiled code traces the reference
 
 

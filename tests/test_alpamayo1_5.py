@@ -19,7 +19,8 @@ from flowmatch_fast import FlowMatching as R1FlowMatching
 from flowmatch_fast.alpamayo1_5 import BaseDiffusion, FlowMatching
 from flowmatch_fast.graph import GraphCache, field_key
 from flowmatch_fast.integrators import fused_ok
-from flowmatch_fast.kernels import cuda_euler, reference, triton_euler
+from flowmatch_fast.kernels import cuda_euler, reference
+from flowmatch_fast.kernels.triton import launch as triton_euler
 from flowmatch_fast.kernels.contract import TimeGrid
 from fields import FIELD_DTYPES, LAYOUTS, make_field, smooth
 from oracle import spec_sample_1_5

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flowmatch_fast import FlowMatching, backends
-from flowmatch_fast.kernels import triton_euler
+from flowmatch_fast.kernels.triton import launch as triton_euler
 from flowmatch_fast.kernels.contract import TimeGrid
 
 gpu = pytest.mark.gpu

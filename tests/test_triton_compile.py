@@ -11,7 +11,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from flowmatch_fast.kernels import triton_euler  # noqa: E402
+from flowmatch_fast.kernels.triton import launch as triton_euler  # noqa: E402
 
 import triton_aot  # noqa: E402
 

@@ -6,7 +6,8 @@ import torch
 
 from flowmatch_fast import FlowMatching, integrators
 from flowmatch_fast.alpamayo1_5 import FlowMatching as FlowMatching1_5
-from flowmatch_fast.kernels import reference, triton_euler
+from flowmatch_fast.kernels import reference
+from flowmatch_fast.kernels.triton import launch as triton_euler
 from flowmatch_fast.kernels.contract import Stage, TimeGrid, kernel_readable, kernel_supports
 from oracle import spec_sample, spec_sample_1_5
 

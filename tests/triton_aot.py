@@ -4,7 +4,7 @@ specialization ``sample`` can launch, for tests/test_triton_compile.py."""
 import torch
 
 from flowmatch_fast.kernels.contract import METHODS
-from flowmatch_fast.kernels.triton_euler import BLOCK, NUM_WARPS, _kernels
+from flowmatch_fast.kernels.triton.launch import BLOCK, NUM_WARPS, _kernels
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
                  torch.float64: "fp64"}

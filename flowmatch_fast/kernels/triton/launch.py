@@ -1,4 +1,5 @@
-"""Fused Euler update in Triton: one launch per step, bitwise equal to the reference.
+"""The Triton backend's steps: one launch per Euler step or Runge-Kutta stage, bitwise equal to
+the reference (contract: :mod:`flowmatch_fast.kernels.contract`).
 
 One program reads ``x`` and ``v`` (any strides, coalesced to at most 6 dims), reads ``dt`` from the
 device grid, and writes ``x + dt * v`` into ``out`` (and the trajectory slot). Floating-point
@@ -18,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .contract import KERNEL_STATE_DTYPES, TimeGrid, kernel_supports, result_dtype, stage_dtype
+from ..contract import KERNEL_STATE_DTYPES, TimeGrid, kernel_supports, result_dtype, stage_dtype
 
 _MAX_DIMS = 6
 # 1024 elements per program and 4 warps: 8 fp32 per thread, two 128-bit accesses per operand.
@@ -58,7 +59,7 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 @functools.lru_cache(maxsize=None)
 def _kernels():
     """(euler_kernel, stage_kernel), imported on first use (this imports Triton)."""
-    from . import _triton_kernels as k
+    from . import jit as k
 
     return k.euler_kernel, k.stage_kernel
 
