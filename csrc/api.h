@@ -28,8 +28,9 @@ enum DTypeCode : int { kF16 = 0, kBF16 = 1, kF32 = 2, kF64 = 3 };
 enum VelocityMode : int {
   kFieldOnly = 0,  // v
   kCfg = 1,        // R1 classifier-free guidance: vu + w * (vc - vu), in the product dtype
+  kMix = 2,        // Alpamayo 1.5 guidance: (1 - w) * vu + w * vc, rounded as PyTorch rounds it
 };
-constexpr int kNumModes = 2;
+constexpr int kNumModes = 3;
 
 constexpr int kHost = -1;  // Target::device of the host emulation
 
@@ -44,7 +45,7 @@ struct Target {
 struct StepArgs {
   int state_code;  // kF32 / kF64
   int field_code;  // any DTypeCode
-  int mode;        // VelocityMode; v_uncond is read by kCfg only
+  int mode;        // VelocityMode; v_uncond is read by kCfg and kMix
   const void* x;
   const void* v;
   const void* v_uncond;  // same strides as v
@@ -89,6 +90,10 @@ HostLaunch host_launches();
 // Test hook: the host emulation adds `ulps` units in the last place to every result it writes
 // (0: exact). Proves that the parity tests notice a one-ulp change in the kernels' output.
 void set_host_result_skew(int ulps);
+// Test hook: the host emulation's kMix velocity moves `ulps` units in the last place of the field
+// dtype (up, or away from zero for f16/bf16; 0: exact). Proves that the 1.5 parity tests notice a
+// one-ulp change in the mix alone.
+void set_host_mix_skew(int ulps);
 
 const char* kernel_arch_list();
 
@@ -99,5 +104,8 @@ bool field_offsets_host(int rank, const int64_t* sizes, const int64_t* strides,
 
 // The kernels' widening of one 16-bit field element (kF16 or kBF16) to float, on the host.
 float widen_host(int field_code, uint16_t bits);
+// The kernels' narrowing of one float to a 16-bit field element (kF16 or kBF16; round to
+// nearest even), on the host.
+uint16_t narrow_host(int field_code, float value);
 
 }  // namespace fmf

@@ -12,6 +12,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstring>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -121,7 +122,7 @@ void check_launch(Checked& c, uintptr_t x, int state_code, uintptr_t field, uint
     throw py::value_error("flowmatch_fast._cuda_euler: the field has more than " +
                           std::to_string(kMaxDims) + " dims after coalescing");
   }
-  if (x == 0 || field == 0 || out == 0 || grid == 0 || (mode == kCfg && field_uncond == 0)) {
+  if (x == 0 || field == 0 || out == 0 || grid == 0 || (mode != kFieldOnly && field_uncond == 0)) {
     throw py::value_error("flowmatch_fast._cuda_euler: null tensor pointer");
   }
   if (step < 0) throw py::value_error("flowmatch_fast._cuda_euler: negative step index");
@@ -134,7 +135,7 @@ void check_launch(Checked& c, uintptr_t x, int state_code, uintptr_t field, uint
   a.mode = mode;
   a.x = reinterpret_cast<const void*>(x);
   a.v = reinterpret_cast<const void*>(field);
-  a.v_uncond = mode == kCfg ? reinterpret_cast<const void*>(field_uncond) : nullptr;
+  a.v_uncond = mode != kFieldOnly ? reinterpret_cast<const void*>(field_uncond) : nullptr;
   a.out = reinterpret_cast<void*>(out);
   a.traj = reinterpret_cast<void*>(traj);
   a.doubled = doubled;
@@ -276,6 +277,7 @@ PYBIND11_MODULE(_cuda_euler, m) {
     py::dict d;
     d["field"] = static_cast<int>(kFieldOnly);
     d["cfg"] = static_cast<int>(kCfg);
+    d["mix"] = static_cast<int>(kMix);
     return d;
   });
   m.def("host_launches", []() {
@@ -293,6 +295,9 @@ PYBIND11_MODULE(_cuda_euler, m) {
   }, "Launch counts of the host emulation and what it decided for the last launch (tests).");
   m.def("set_host_result_skew", &set_host_result_skew, py::arg("ulps"),
         "Test hook: the host emulation writes every result this many ulps up (0: exact).");
+  m.def("set_host_mix_skew", &set_host_mix_skew, py::arg("ulps"),
+        "Test hook: the host emulation's mixed (Alpamayo 1.5) velocity moves this many ulps of "
+        "the field dtype (0: exact).");
   m.def("widen_host", [](int field_code, const std::vector<uint16_t>& bits) {
     if (field_code != kF16 && field_code != kBF16) {
       throw py::value_error("flowmatch_fast._cuda_euler: widen_host takes float16 or bfloat16");
@@ -302,6 +307,24 @@ PYBIND11_MODULE(_cuda_euler, m) {
     return py::bytes(reinterpret_cast<const char*>(out.data()), out.size() * sizeof(float));
   }, py::arg("field_code"), py::arg("bits"),
         "The kernels' widening of 16-bit field elements to float32 on the host, as raw bytes.");
+  m.def("narrow_host", [](int field_code, py::bytes values) {
+    if (field_code != kF16 && field_code != kBF16) {
+      throw py::value_error("flowmatch_fast._cuda_euler: narrow_host takes float16 or bfloat16");
+    }
+    const std::string raw = values;
+    if (raw.size() % sizeof(float) != 0) {
+      throw py::value_error("flowmatch_fast._cuda_euler: narrow_host takes float32 bytes");
+    }
+    std::vector<uint16_t> out(raw.size() / sizeof(float));
+    for (size_t k = 0; k < out.size(); ++k) {
+      float f;
+      memcpy(&f, raw.data() + k * sizeof(float), sizeof(float));
+      out[k] = narrow_host(field_code, f);
+    }
+    return py::bytes(reinterpret_cast<const char*>(out.data()), out.size() * sizeof(uint16_t));
+  }, py::arg("field_code"), py::arg("values"),
+        "The kernels' rounding of float32 values (raw bytes) to 16-bit field elements on the "
+        "host, as raw bytes.");
   m.def("coalesce", &coalesce, py::arg("sizes"), py::arg("strides"),
         "The dims the kernel iterates over (for tests).");
   m.def("field_offsets", &field_offsets, py::arg("sizes"), py::arg("strides"), py::arg("indices"),

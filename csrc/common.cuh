@@ -9,10 +9,14 @@
 //   also passes -fmad=false);
 // - host: the plain IEEE operators of x86-64 SSE2 / AArch64, round-to-nearest-even in the
 //   operand's precision, built with -ffp-contract=off (setup.py) so that no FMA is formed.
-// No conversion rounds where the kernels widen: half/bf16 -> float -> double are exact.
+// No conversion rounds where the kernels widen: half/bf16 -> float -> double are exact. Where
+// they narrow (kMix rounds to the field dtype), float -> half/bf16 rounds to nearest even through
+// cuda_fp16.h / cuda_bf16.h: cvt.rn.f16.f32 / cvt.rn.bf16.f32 on the device, the headers'
+// software rounding (the same bits; a NaN's payload aside) on the host.
 
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -28,7 +32,8 @@ namespace fmf {
 constexpr int kThreads = 256;  // threads per block
 
 // ------------------------------------------------------------------------------------------
-// Types: the field is held as its raw storage type and widened exactly to P on load.
+// Types: the field is held as its raw storage type and widened exactly to P on load; round(p)
+// is p rounded to the field dtype (to nearest even) and widened back, the identity for f32/f64.
 __host__ __device__ __forceinline__ float bits_as_float(uint32_t u) {
 #ifdef __CUDA_ARCH__
   return __uint_as_float(u);
@@ -47,6 +52,10 @@ template <> struct FieldT<kF16> {
   static __host__ __device__ __forceinline__ float widen(storage b) {
     return __half2float(__ushort_as_half(b));
   }
+  static __host__ __device__ __forceinline__ storage narrow(float f) {
+    return __half_as_ushort(__float2half_rn(f));
+  }
+  static __host__ __device__ __forceinline__ float round(float f) { return widen(narrow(f)); }
 };
 template <> struct FieldT<kBF16> {
   using storage = uint16_t;
@@ -55,16 +64,22 @@ template <> struct FieldT<kBF16> {
   static __host__ __device__ __forceinline__ float widen(storage b) {
     return bits_as_float(uint32_t(b) << 16);
   }
+  static __host__ __device__ __forceinline__ storage narrow(float f) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  }
+  static __host__ __device__ __forceinline__ float round(float f) { return widen(narrow(f)); }
 };
 template <> struct FieldT<kF32> {
   using storage = float;
   using P = float;
   static __host__ __device__ __forceinline__ float widen(storage b) { return b; }
+  static __host__ __device__ __forceinline__ float round(float f) { return f; }
 };
 template <> struct FieldT<kF64> {
   using storage = double;
   using P = double;
   static __host__ __device__ __forceinline__ double widen(storage b) { return b; }
+  static __host__ __device__ __forceinline__ double round(double f) { return f; }
 };
 
 template <int CODE> struct StateT;
@@ -98,22 +113,54 @@ template <class T> inline T sub_rn(T a, T b) { return a - b; }
 template <class T> inline T mul_rn(T a, T b) { return a * b; }
 #endif
 
+// The guidance weight w and 1 - w (computed in double, as Python computes it), each rounded to
+// nearest into P once per thread: the scalars of PyTorch's ops on P's math type.
+template <class P> struct Weights {
+  P w;
+  P one_minus_w;
+};
+
+// The host emulation's test hooks (api.h: set_host_result_skew, set_host_mix_skew): every result
+// it writes moves this many ulps up; every kMix velocity this many ulps of the field dtype (a
+// 16-bit field: to the next bit pattern, away from zero). Always 0 on the device, and on the host
+// outside those tests.
+inline int g_host_result_skew = 0;
+inline int g_host_mix_skew = 0;
+
+template <class F, class P>
+__host__ __device__ __forceinline__ P skewed_mix(P v) {
+#ifndef __CUDA_ARCH__
+  for (int k = 0; k < g_host_mix_skew; ++k) {
+    if constexpr (sizeof(typename F::storage) == 2) {
+      v = F::widen(static_cast<typename F::storage>(F::narrow(v) + 1));  // next 16-bit pattern
+    } else {
+      v = std::nextafter(v, P(INFINITY));
+    }
+  }
+#endif
+  return v;
+}
+
 // The velocity of one element in the product dtype P (api.h's VelocityMode).
 template <int MODE, class F, class P = typename F::P>
 __host__ __device__ __forceinline__ P velocity(typename F::storage vc, typename F::storage vu,
-                                               P w) {
-  static_assert(MODE == kFieldOnly || MODE == kCfg, "a VelocityMode without a branch here");
+                                               Weights<P> w) {
+  static_assert(MODE == kFieldOnly || MODE == kCfg || MODE == kMix,
+                "a VelocityMode without a branch here");
   const P c = F::widen(vc);
   if (MODE == kCfg) {
     const P u = F::widen(vu);
-    return add_rn(u, mul_rn(w, sub_rn(c, u)));  // vu + w * (vc - vu), as guided_velocity()
+    return add_rn(u, mul_rn(w.w, sub_rn(c, u)));  // vu + w * (vc - vu), as guided_velocity()
+  }
+  if (MODE == kMix) {  // (1 - w) * vu + w * vc, as mixed_velocity(): PyTorch computes each
+    // product and the sum in P and rounds it to the field dtype (for f16/bf16: a float32
+    // rounding, then a 16-bit one, never fused into one).
+    const P u = F::widen(vu);
+    return skewed_mix<F>(
+        F::round(add_rn(F::round(mul_rn(u, w.one_minus_w)), F::round(mul_rn(c, w.w)))));
   }
   return c;
 }
-
-// The host emulation's test hook (api.h: set_host_result_skew): every result it writes moves
-// this many ulps up. Always 0 on the device, and on the host outside that one test.
-inline int g_host_result_skew = 0;
 
 template <class T>
 __host__ __device__ __forceinline__ T skewed(T r) {
@@ -236,7 +283,7 @@ struct StepParams {
   using T = Types<XC, VC>;
   const typename T::X* x;
   const typename T::V* v;
-  const typename T::V* vu;  // unconditional field (kCfg only); same strides as v
+  const typename T::V* vu;  // unconditional field (kCfg, kMix); same strides as v
   typename T::S* out;       // [n] or [2n]: the doubled copy starts at out + n
   typename T::S* traj;      // row b of the trajectory slot starts at traj + b * traj_stride
   const float* grid;        // &grid[i]: dt = grid[1] - grid[0]
@@ -244,6 +291,7 @@ struct StepParams {
   int64_t traj_row;         // elements per sample (traj rows are contiguous)
   int64_t traj_stride;      // elements between the rows of the trajectory slot
   double w;                 // guidance weight, rounded to P in the kernel (as PyTorch does)
+  double one_minus_w;       // 1 - w in double (kMix), rounded to P in the kernel
   FastDivmod traj_div;      // divides by traj_row (use32 and a trajectory only)
   FieldIndexer field;       // strided path only
   bool use32;               // every index fits in 31 bits: fast division
@@ -251,6 +299,12 @@ struct StepParams {
   bool doubled;             // also write out[e + n]
   bool write_traj;          // also write the trajectory slot
 };
+
+// The launch's guidance weights in P, once per thread.
+template <int XC, int VC, class P = typename Types<XC, VC>::P>
+__host__ __device__ __forceinline__ Weights<P> weights(const StepParams<XC, VC>& p) {
+  return {static_cast<P>(p.w), static_cast<P>(p.one_minus_w)};
+}
 
 // Offset in the trajectory slot of state element e: rows of traj_row contiguous elements,
 // traj_stride apart.

@@ -4,7 +4,8 @@
 // else float, and S = double if the state or the field is double, else float:
 //
 //   dt   = grid[i+1] - grid[i]                      float32 subtraction, read by the kernel
-//   vv   = velocity(v[e], v_uncond[e], P(w))        in P (common.cuh; kCfg: vu + w * (vc - vu))
+//   vv   = velocity(v[e], v_uncond[e], P(w))        in P (common.cuh; kCfg: vu + w * (vc - vu),
+//                                                    kMix: (1 - w) * vu + w * vc)
 //   prod = P(dt) * vv                               rounded in P
 //   out  = S(x[e]) + S(prod)                        rounded in S
 //
@@ -24,7 +25,7 @@ namespace fmf {
 template <int XC, int VC, int MODE>
 __host__ __device__ __forceinline__ typename Types<XC, VC>::S euler_element(
     typename Types<XC, VC>::X x, typename Types<XC, VC>::V vc, typename Types<XC, VC>::V vu,
-    typename Types<XC, VC>::P dt, typename Types<XC, VC>::P w) {
+    typename Types<XC, VC>::P dt, Weights<typename Types<XC, VC>::P> w) {
   using T = Types<XC, VC>;
   using S = typename T::S;
   const typename T::P prod = mul_rn(dt, velocity<MODE, typename T::F>(vc, vu, w));
@@ -32,10 +33,10 @@ __host__ __device__ __forceinline__ typename Types<XC, VC>::S euler_element(
 }
 
 // One thread of the grid-stride launch; flags as template parameters so that each variant
-// carries only the loads and stores it needs (2 x 4 dtypes x 16 = 128 variants):
+// carries only the loads and stores it needs (2 x 4 dtypes x 24 = 192 variants):
 //   CONTIG : the field is laid out like the state (after coalescing): vector accesses when the
 //            host found every pointer aligned (p.vec), scalar tail; else per-element indexing.
-//   MODE   : the VelocityMode (kCfg reads v_uncond too).
+//   MODE   : the VelocityMode (kCfg and kMix read v_uncond too).
 //   TRAJ   : also write the trajectory slot.
 //   DOUBLED: also write out[e + n] (the doubled batch of classifier-free guidance).
 template <int XC, int VC, bool CONTIG, int MODE, bool TRAJ, bool DOUBLED>
@@ -48,7 +49,7 @@ struct EulerKernel {
     // dt is read by the kernel: no host synchronisation, and a captured graph replays it
     // with whatever the grid buffer holds.
     const P dt = static_cast<P>(sub_rn(p.grid[1], p.grid[0]));
-    const P w = static_cast<P>(p.w);
+    const Weights<P> w = weights(p);
     grid_stride<T::VEC, CONTIG>(p, tid, nthreads, [&](auto width, int64_t e, int64_t off) {
       constexpr int N = decltype(width)::value;
       typename T::X xs[N];
@@ -108,8 +109,14 @@ float widen_host(int field_code, uint16_t bits) {
   return field_code == kF16 ? FieldT<kF16>::widen(bits) : FieldT<kBF16>::widen(bits);
 }
 
+uint16_t narrow_host(int field_code, float value) {
+  return field_code == kF16 ? FieldT<kF16>::narrow(value) : FieldT<kBF16>::narrow(value);
+}
+
 HostLaunch host_launches() { return g_host_launches; }
 
 void set_host_result_skew(int ulps) { g_host_result_skew = ulps; }
+
+void set_host_mix_skew(int ulps) { g_host_mix_skew = ulps; }
 
 }  // namespace fmf

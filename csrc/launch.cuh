@@ -78,6 +78,7 @@ void fill_step_params(StepParams<XC, VC>& p, const StepArgs& a, bool contig) {
   p.traj_row = p.write_traj ? a.traj_row : 1;
   p.traj_stride = a.traj_stride;
   p.w = a.guidance_weight;
+  p.one_minus_w = 1.0 - a.guidance_weight;  // Python's 1 - w: one double subtraction
   p.use32 = a.n <= INT32_MAX;  // then every dividend and divisor (<= n) is below 2^31
   if (p.write_traj && p.use32) p.traj_div.init(static_cast<uint32_t>(p.traj_row));
   if (!contig) {
@@ -95,7 +96,7 @@ void fill_step_params(StepParams<XC, VC>& p, const StepArgs& a, bool contig) {
   constexpr int VEC = T::VEC;
   p.vec = contig && aligned(a.x, VEC * sizeof(typename T::X)) &&
           aligned(a.v, VEC * sizeof(typename T::V)) &&
-          (a.mode != kCfg || aligned(a.v_uncond, VEC * sizeof(typename T::V))) &&
+          (a.mode == kFieldOnly || aligned(a.v_uncond, VEC * sizeof(typename T::V))) &&
           aligned(a.out, VEC * sizeof(typename T::S)) && (!a.doubled || a.n % VEC == 0) &&
           (!p.write_traj || (aligned(a.traj, VEC * sizeof(typename T::S)) &&
                              a.traj_row % VEC == 0 && a.traj_stride % VEC == 0));
@@ -124,6 +125,7 @@ cudaError_t with_mode(int mode, F&& f) {
   switch (mode) {
     case kFieldOnly: return f(IntC<kFieldOnly>{});
     case kCfg: return f(IntC<kCfg>{});
+    case kMix: return f(IntC<kMix>{});
     default: return cudaErrorInvalidValue;
   }
 }

@@ -5,7 +5,8 @@
 // the field is double, else float (the host runs the reference instead when the accumulator
 // alone would make C double; see cuda_euler.stage_step):
 //
-//   kk  = velocity(k[e], k_uncond[e], P(w))         in P (common.cuh; kCfg: ku + w * (kc - ku))
+//   kk  = velocity(k[e], k_uncond[e], P(w))         in P (common.cuh; kCfg: ku + w * (kc - ku),
+//                                                   kMix: (1 - w) * ku + w * kc)
 //   kk  = C(kk)                                     exact widening
 //   s   = acc_w2 ? kk * 2 : kk;  has_acc: s = acc[e] + s      rounded in C (acc already in C)
 //   write_acc: acc_out[e] = s
@@ -17,7 +18,7 @@
 // Shared pieces: common.cuh (arithmetic, access, indexing), launch.cuh (parameters, dispatch,
 // the launch on a GPU or on the host).
 //
-// Template parameters: the dtypes (8 pairs), CONTIG and MODE, i.e. 32 kernels per arch. The
+// Template parameters: the dtypes (8 pairs), CONTIG and MODE, i.e. 48 kernels per arch. The
 // flags that say which stage of which method runs (has_acc, acc_w2, write_acc, from_acc,
 // coef_one) and the optional stores (doubled, traj) are run-time fields of StageParams instead:
 // they are uniform over the launch, so each costs a predicated instruction or a branch without
@@ -53,7 +54,7 @@ template <int XC, int VC, int MODE>
 __host__ __device__ __forceinline__ typename Types<XC, VC>::S stage_element(
     const StageParams<XC, VC>& p, typename Types<XC, VC>::X x, typename Types<XC, VC>::V kc,
     typename Types<XC, VC>::V ku, typename Types<XC, VC>::S acc, typename Types<XC, VC>::S h,
-    typename Types<XC, VC>::P w, typename Types<XC, VC>::S& s) {
+    Weights<typename Types<XC, VC>::P> w, typename Types<XC, VC>::S& s) {
   using T = Types<XC, VC>;
   using C = typename T::S;
   const C kk = static_cast<C>(velocity<MODE, typename T::F>(kc, ku, w));
@@ -74,7 +75,7 @@ struct StageKernel {
     // h once per thread: dt read by the kernel (graph replays see the grid buffer's contents).
     C h = static_cast<C>(sub_rn(p.grid[1], p.grid[0]));
     if (!p.coef_one) h = mul_rn(h, static_cast<C>(p.coef));  // coef rounded to nearest into C
-    const typename T::P w = static_cast<typename T::P>(p.w);
+    const Weights<typename T::P> w = weights(p);
     grid_stride<T::VEC, CONTIG>(p, tid, nthreads, [&](auto width, int64_t e, int64_t off) {
       constexpr int N = decltype(width)::value;
       typename T::X xs[N];

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from . import ops  # noqa: F401  (registers the torch.library ops before anything traces)
-from .kernels import cuda_euler, reference
+from .kernels import reference
+from .kernels.cuda import launch as cuda_launch
 from .kernels.triton import launch as triton_launch
 
 logger = logging.getLogger("flowmatch_fast")
@@ -24,7 +25,7 @@ ENV_VAR = "FLOWMATCH_FAST_BACKEND"
 
 # Imported eagerly (each imports its toolchain lazily), so that torch.compile can trace a plain
 # dict lookup.
-_MODULES = {"torch": reference, "triton": triton_launch, "cuda": cuda_euler}
+_MODULES = {"torch": reference, "triton": triton_launch, "cuda": cuda_launch}
 # auto's order of preference on a CUDA device: the compiled kernel has the lowest launch cost
 # and runs at copy bandwidth (H200, bench/results/2026-11-28-NVIDIA-H200.md: 8.9 us host per
 # launch; 40 us for a 50 MB update, 103 % of a same-size copy). Triton's launch costs 34 us of host

@@ -22,12 +22,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import cuda_euler
+from .kernels.cuda import launch as cuda_launch
 from .kernels.triton import launch as triton_launch
 from .kernels.contract import KERNEL_STATE_DTYPES
 
 # backend name -> the module whose launch_euler / launch_stage the ops call
-LAUNCHERS = {"triton": triton_launch, "cuda": cuda_euler}
+LAUNCHERS = {"triton": triton_launch, "cuda": cuda_launch}
 REGISTERED = False  # False on a torch without custom_op (< 2.4): compiled code traces the reference
 
 

@@ -3,13 +3,15 @@ SPEC's algorithm (``tests/oracle.py``), PyTorch's rounding of ``(1 - w) * vu + w
 guided update, errors.
 
 Runs on whatever backend ``FLOWMATCH_FAST_BACKEND`` selects (CI: plain torch, then Triton through
-the interpreter), on CPU and, when there is one, on a CUDA device.
+the interpreter, then the CUDA kernels through their host emulation), on CPU and, when there is
+one, on a CUDA device.
 """
 
 import gc
 import inspect
 import itertools
 import math
+import types
 
 import pytest
 import torch
@@ -18,10 +20,12 @@ from flowmatch_fast import alpamayo1_5, alpamayo_r1, backends
 from flowmatch_fast import FlowMatching as R1FlowMatching
 from flowmatch_fast.alpamayo1_5 import BaseDiffusion, FlowMatching
 from flowmatch_fast.graph import GraphCache, field_key
-from flowmatch_fast.integrators import fused_ok
-from flowmatch_fast.kernels import cuda_euler, reference
+from flowmatch_fast.integrators import METHODS, choose
+from flowmatch_fast.kernels import reference
+from flowmatch_fast.kernels.cuda import launch as cuda_euler
 from flowmatch_fast.kernels.triton import launch as triton_euler
 from flowmatch_fast.kernels.contract import TimeGrid
+from cuda_ext import emulated  # noqa: F401  (the host-emulation fixture)
 from fields import FIELD_DTYPES, LAYOUTS, make_field, smooth
 from oracle import spec_sample_1_5
 from test_kernels import _field, target  # noqa: F401  (target: the fused-backend fixture)
@@ -308,8 +312,6 @@ def test_fused_mix_matches_the_expression(target, case_rng):
     """Every backend that fuses the mix: one launch equals ``x + dt * ((1 - w) * vu + w * vg)``
     (as PyTorch evaluates it), every state x field dtype, layouts, inf/NaN, the trajectory slot."""
     backend, device = target
-    if not getattr(backend, "FUSES_MIX_GUIDANCE", False):
-        pytest.skip(f"{backend.__name__} does not fuse the 1.5 mix yet (it takes the reference)")
     gen = torch.Generator().manual_seed(case_rng.randrange(2**31))
     grid = TimeGrid(torch.linspace(0, 1, 6, device=device), 1, 3)
     for state, field, layout, w in itertools.product(
@@ -324,6 +326,7 @@ def test_fused_mix_matches_the_expression(target, case_rng):
         i = case_rng.randrange(5)
         expect = x + grid.dt_views[i] * ((1 - w) * vu + w * vg)
         traj = torch.full((shape[0], 6, *shape[1:]), 7.0, dtype=expect.dtype, device=device)
+        assert backend.supports(x, vg, None, vu, True, None, traj[:, i + 1])
         out = backend.euler_step(x, vg, grid, i, None, traj[:, i + 1], vu, w, mix=True)
         what = f"{state} {field} {layout} w={w} shape={shape} i={i}"
         _assert_same(out, expect, what)
@@ -334,10 +337,14 @@ def test_fused_mix_matches_the_expression(target, case_rng):
 def test_one_place_decides_fused_or_reference():
     x = torch.zeros(2, 3)
     bf, f32 = torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(2, 3)
-    assert fused_ok(triton_euler, x, bf, None, bf, mix=True)
-    assert not fused_ok(triton_euler, x, bf, None, f32, mix=True)  # mixed dtypes: reference
-    assert not fused_ok(cuda_euler, x, bf, None, bf, mix=True)  # no CUDA kernel for the mix yet
-    assert fused_ok(cuda_euler, x, bf, None, bf, mix=False)
+    for backend in (triton_euler, cuda_euler):
+        assert choose(backend, x, bf, None, bf, mix=True)[0] is backend
+        assert choose(backend, x, bf, None, f32, mix=True)[0] is reference  # mixed dtypes
+        assert choose(backend, x, bf, None, bf, mix=False)[0] is backend
+    # a backend whose supports() refuses the mix
+    unfused = types.SimpleNamespace(supports=lambda x, v, acc, vu, mix, out, traj: not mix)
+    assert choose(unfused, x, bf, None, bf, mix=True)[0] is reference
+    assert choose(unfused, x, bf, None, bf, mix=False)[0] is unfused
 
 
 def test_triton_runs_one_fused_launch_per_guided_step(monkeypatch, case_rng):
@@ -366,6 +373,49 @@ def test_triton_runs_one_fused_launch_per_guided_step(monkeypatch, case_rng):
     torch.manual_seed(0)
     fm.sample(6, field, _unguided(field), return_all_steps=True)
     assert launches == [True] * steps
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_cuda_runs_one_fused_launch_per_guided_stage(emulated, monkeypatch, method, case_rng):
+    """The CUDA kernels (their host emulation, FLOWMATCH_FAST_CUDA_EMULATE=1): the 1.5 guided
+    update is one launch per stage of every step, no plain-torch mix, and gives the bits of the
+    SPEC's loop (Euler) or of the torch backend (rk4)."""
+    def no_reference(*args):
+        raise AssertionError("the reference mix ran instead of the fused kernel")
+
+    steps, seed = case_rng.randint(2, 6), case_rng.randrange(2**31)
+    field = make_field("contiguous", torch.bfloat16, [64, 2], seed)
+    fm = FlowMatching(method, steps, 2.5, (64, 2), True, backend="cuda")
+    kernel = "euler" if method == "euler" else "stage"
+    with monkeypatch.context() as patched:
+        patched.setattr(reference, "mixed_velocity", no_reference)
+        before = emulated.host_launches()[kernel]
+        torch.manual_seed(seed)
+        ours = fm.sample(6, field, _unguided(field), return_all_steps=True)
+        assert emulated.host_launches()[kernel] - before == steps * len(METHODS[method])
+    torch.manual_seed(seed)
+    if method == "euler":
+        want = spec_sample_1_5((64, 2), 6, field, _unguided(field), "cpu", steps, True,
+                               guidance=True, weight=2.5)
+    else:
+        want = FlowMatching(method, steps, 2.5, (64, 2), True, backend="torch").sample(
+            6, field, _unguided(field), return_all_steps=True)
+    _assert_same(ours, want, f"{method} steps={steps} seed={seed}")
+
+
+@pytest.mark.parametrize("dtype", FIELD_DTYPES, ids=str)
+def test_a_one_ulp_error_in_the_cuda_mix_fails_the_parity_checks(emulated, monkeypatch, dtype):
+    """The mutation check of the CUDA mix: the emulated kernels' mixed velocity one ulp (of the
+    field dtype) off, or their results one ulp up, must fail the 1.5 parity comparison."""
+    monkeypatch.setenv("FLOWMATCH_FAST_BACKEND", "cuda")
+    fields = lambda: (make_field("contiguous", dtype, [16, 2], 3),  # noqa: E731
+                      _unguided(make_field("contiguous", dtype, [16, 2], 4)))
+    _assert_same(*_guided_both(fields, [16, 2], 5, "cpu", 4, 2.5, 7), "exact")
+    for hook in (emulated.set_host_mix_skew, emulated.set_host_result_skew):
+        hook(1)
+        with pytest.raises(pytest.fail.Exception, match="not bitwise equal"):
+            _assert_same(*_guided_both(fields, [16, 2], 5, "cpu", 4, 2.5, 7), "one ulp up")
+        hook(0)
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -442,8 +492,8 @@ def test_cuda_graph_both_fields_in_one_graph_and_in_the_key():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FIELD_DTYPES, ids=str)
 def test_cuda_mix_rounding_matches_the_model(dtype):
-    """On CUDA the scalar is cast to opmath_t as on CPU: the same model, and the fused kernels
-    (Triton, and the reference the CUDA backend takes) equal PyTorch there too."""
+    """On CUDA the scalar is cast to opmath_t as on CPU: the same model (which the fused Triton
+    and CUDA kernels implement; test_fused_mix_matches_the_expression runs them there)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     gen = torch.Generator().manual_seed(2)

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from cuda_ext import EXT, ext_or_skip
-from flowmatch_fast.kernels import cuda_euler
+from flowmatch_fast.kernels.cuda import launch as cuda_euler
+from flowmatch_fast.kernels.cuda import loader as cuda_loader
 
 SKIP_BUILD = os.environ.get("FLOWMATCH_FAST_SKIP_CUDA_BUILD", "").strip().lower() in (
     "1", "true", "yes", "on")
@@ -65,7 +66,7 @@ def test_extension_is_built_when_nvcc_is_on_path(monkeypatch):
     assert ext.MAX_DIMS >= 6
     assert callable(ext.euler_step) and callable(ext.stage_step)
     assert set(ext.dtype_codes()) == {"float16", "bfloat16", "float32", "float64"}
-    assert set(ext.velocity_modes()) == {"field", "cfg"}
+    assert set(ext.velocity_modes()) == {"field", "cfg", "mix"}
     assert ext.HOST == -1  # what x.get_device() says of a CPU tensor (cuda_euler passes it on)
     assert "CUDA runtime" in ext.build_info()
     if not ARCHS_OVERRIDDEN:
@@ -84,12 +85,12 @@ def test_binary_holds_sm90_machine_code_and_ptx():
         assert re.search(rf"\.sm_{target[len('compute_'):]}\.ptx", ptx), (target, ptx)
     if not ARCHS_OVERRIDDEN:
         assert ".sm_90.cubin" in elf and ".sm_90.ptx" in ptx
-    # Every variant of both kernels is in the sm_90 image: 2 state x 4 field dtypes x 16 flags
-    # for the Euler update; 2 x 4 x (contiguous, guided) for the stage (its other flags are
-    # run-time, see csrc/stage_kernel.cu).
+    # Every variant of both kernels is in the sm_90 image: 2 state x 4 field dtypes x 24 flags
+    # (contiguous, 3 velocity modes, trajectory, doubled) for the Euler update; 2 x 4 x
+    # (contiguous, 3 modes) for the stage (its other flags are run-time, see csrc/stage_kernel.cu).
     if "sm_90" in archs:
         usage = _dump("--dump-resource-usage", "-arch", "sm_90")
-        for kernel, count in (("EulerKernel", 2 * 4 * 16), ("StageKernel", 2 * 4 * 4)):
+        for kernel, count in (("EulerKernel", 2 * 4 * 24), ("StageKernel", 2 * 4 * 6)):
             found = re.findall(rf"Function (_ZN3fmf12device_entryINS_\d+{kernel}\w+):\s+REG:(\d+) "
                                r"STACK:(\d+) "
                                r"SHARED:\d+ LOCAL:(\d+)", usage)
@@ -109,8 +110,8 @@ def test_sm90_sass_has_no_fused_multiply_add_and_uses_128_bit_accesses():
         pytest.skip("built without sm_90")
     funcs = _sass_functions(_dump("-sass", "-arch", "sm_90"))
     kernels = {k: v for k, v in funcs.items() if "EulerKernel" in k or "StageKernel" in k}
-    assert len([k for k in kernels if "EulerKernel" in k]) == 128
-    assert len([k for k in kernels if "StageKernel" in k]) == 32
+    assert len([k for k in kernels if "EulerKernel" in k]) == 192
+    assert len([k for k in kernels if "StageKernel" in k]) == 48
     for name, text in kernels.items():
         # FFMA/DFMA would fuse dt * v + x (one rounding instead of two). HFMA2.MMA with zero
         # operands (-RZ, RZ) is only ptxas's idiom for loading a constant into a register.
@@ -127,6 +128,14 @@ def test_sm90_sass_has_no_fused_multiply_add_and_uses_128_bit_accesses():
         assert "FMUL" in text and "FADD" in text
     stage_f64 = kernels["_ZN3fmf12device_entryINS_11StageKernelILi3ELi3ELb1ELi0EEEEEvT_"]
     assert "DMUL" in stage_f64 and "DADD" in stage_f64
+    # The Alpamayo 1.5 mix (MODE 2) with a 16-bit field rounds each product and the sum to the
+    # field dtype with the hardware's round-to-nearest-even conversions (cvt.rn.f16/bf16.f32),
+    # f32 math between them (kept FMUL, FADD: no FFMA, checked above for every variant).
+    for field, cvt in ((0, r"F2FP?\.F16\.F32"), (1, r"F2FP?\.BF16\.F32")):
+        for kernel in (f"_ZN3fmf12device_entryINS_11EulerKernelILi2ELi{field}ELb1ELi2ELb0ELb0EEEEEvT_",
+                       f"_ZN3fmf12device_entryINS_11StageKernelILi2ELi{field}ELb1ELi2EEEEEvT_"):
+            text = kernels[kernel]
+            assert re.search(cvt, text) and "FMUL" in text and "FADD" in text, kernel
 
 
 def test_ptx_has_no_fused_multiply_add_and_rounds_every_op():
@@ -160,9 +169,9 @@ def test_host_code_has_no_fused_multiply_add():
 
 
 def test_runs_on_rules():
-    assert cuda_euler._runs_on("sm_90", 90)
-    assert not cuda_euler._runs_on("sm_90", 100)
-    assert cuda_euler._runs_on("sm_80", 86) and not cuda_euler._runs_on("sm_86", 80)
-    assert cuda_euler._runs_on("compute_90", 120) and not cuda_euler._runs_on("compute_90", 89)
-    assert cuda_euler._runs_on("sm_90a", 90) and not cuda_euler._runs_on("sm_90a", 100)
+    assert cuda_loader.runs_on("sm_90", 90)
+    assert not cuda_loader.runs_on("sm_90", 100)
+    assert cuda_loader.runs_on("sm_80", 86) and not cuda_loader.runs_on("sm_86", 80)
+    assert cuda_loader.runs_on("compute_90", 120) and not cuda_loader.runs_on("compute_90", 89)
+    assert cuda_loader.runs_on("sm_90a", 90) and not cuda_loader.runs_on("sm_90a", 100)
 

@@ -15,9 +15,12 @@ import pytest
 import torch
 
 from cuda_ext import ext_or_skip
-from flowmatch_fast import FlowMatching
-from flowmatch_fast.integrators import METHODS
-from flowmatch_fast.kernels import cuda_euler, reference
+from flowmatch_fast import FlowMatching, alpamayo1_5
+from flowmatch_fast import integrators
+from flowmatch_fast.integrators import METHODS, Stage
+from flowmatch_fast.kernels import reference
+from flowmatch_fast.kernels.cuda import launch as cuda_euler
+from flowmatch_fast.kernels.cuda import loader as cuda_loader
 from flowmatch_fast.kernels.contract import TimeGrid, result_dtype, stage_dtype
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -25,6 +28,18 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 FIELD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STATE_DTYPES = (torch.float32, torch.float64)
 SENTINEL = 1234.5
+# Velocity modes: the field alone, R1's guidance (doubled batch out), Alpamayo 1.5's mix.
+GUIDANCE = (False, "cfg", "mix")
+
+
+def _guidance(guided, uncond, w, key="vu"):
+    """The keyword arguments of _both (_stage_both: key="ku") for one velocity mode; ``uncond``
+    is the unconditional field."""
+    if guided == "cfg":
+        return {key: uncond, "w": w, "doubled": True}
+    if guided == "mix":
+        return {key: uncond, "w": w, "mix": True}
+    return {}
 
 
 def _grid(steps, batch, ndim, device, seed=0):
@@ -53,13 +68,24 @@ def _make_field(layout, shape, dtype, device, gen):
     raise ValueError(layout)
 
 
-def _both(x, v, grid, i, *, traj=False, doubled=False, vu=None, w=1.0, misaligned_out=False,
-          out_none=False):
+def _cuda_or_reference_euler(x, v, grid, i, out=None, traj=None, vu=None, w=1.0, mix=False):
+    """The CUDA step where its ``supports`` takes the call, else the reference (as sampling)."""
+    return integrators.euler_step(cuda_euler, x, v, grid, i, out, traj, vu, w, mix)
+
+
+def _cuda_or_reference_stage(x, k, grid, i, coef, acc=None, acc_weight=1.0, write_acc=False,
+                             from_acc=False, out=None, traj=None, ku=None, w=1.0, mix=False):
+    stage = Stage("start", coef, acc_weight, write_acc, from_acc)
+    return integrators.stage_step(cuda_euler, x, k, grid, i, stage, acc, out, traj, ku, w, mix)
+
+
+def _both(x, v, grid, i, *, traj=False, doubled=False, vu=None, w=1.0, mix=False,
+          misaligned_out=False, out_none=False):
     """Run the reference and the CUDA kernel on identical fresh buffers; return both results."""
     dtype = result_dtype(x.dtype, v)
     rows = x.shape[0]
     results = []
-    for step in (reference.euler_step, cuda_euler.euler_step):
+    for step in (reference.euler_step, _cuda_or_reference_euler):
         shape = (2 * rows if doubled else rows, *x.shape[1:])
         if out_none:
             out = None
@@ -72,7 +98,7 @@ def _both(x, v, grid, i, *, traj=False, doubled=False, vu=None, w=1.0, misaligne
         if traj:
             states = torch.full((rows, grid.steps + 1, *x.shape[1:]), SENTINEL, dtype=dtype,
                                 device=x.device)
-        res = step(x, v, grid, i, out, states[:, i + 1] if traj else None, vu, w)
+        res = step(x, v, grid, i, out, states[:, i + 1] if traj else None, vu, w, mix=mix)
         results.append((res, states))
     _sync(x.device)
     return results
@@ -141,10 +167,9 @@ def test_parity_layouts_guidance_traj_doubled(kdev, layout, shape):
         x = torch.randn(shape, generator=gen).to(kdev, state)
         v = _make_field(layout, shape, field, kdev, gen)
         vu = _make_field(layout, shape, field, kdev, gen)
-        for traj, guided in itertools.product((False, True), (False, True)):
+        for traj, guided in itertools.product((False, True), GUIDANCE):
             what = (layout, shape, state, field, traj, guided)
-            kwargs = dict(vu=vu, w=2.5, doubled=True) if guided else {}
-            _assert_same(_both(x, v, grid, 4, traj=traj, **kwargs), what)
+            _assert_same(_both(x, v, grid, 4, traj=traj, **_guidance(guided, vu, 2.5)), what)
 
 
 def test_parity_misaligned_state_and_output(kdev):
@@ -160,6 +185,8 @@ def test_parity_misaligned_state_and_output(kdev):
         vu = _make_field("misaligned", shape, field, kdev, gen)
         _assert_same(_both(x, v, grid, 2, vu=vu, w=-0.75, doubled=True, traj=True),
                      (state, field, "vu"))
+        _assert_same(_both(x, v, grid, 2, vu=vu, w=-0.75, mix=True, traj=True),
+                     (state, field, "vu, mix"))
 
 
 def test_parity_rows_that_break_vectors(kdev):
@@ -284,14 +311,14 @@ def _nan_buffer(shape, dtype, device, misaligned=False):
     return torch.full((numel + 1,), float("nan"), dtype=dtype, device=device)[1:].view(shape)
 
 
-def _stage_both(x, k, grid, i, st, *, acc=None, ku=None, w=1.0, doubled=False, traj=False,
-                out_none=False, misaligned_out=False):
+def _stage_both(x, k, grid, i, st, *, acc=None, ku=None, w=1.0, mix=False, doubled=False,
+                traj=False, out_none=False, misaligned_out=False):
     """reference.stage_step and cuda_euler.stage_step on identical fresh (poisoned) buffers."""
     c = stage_dtype(x.dtype, k, acc)
     rows = x.shape[0]
     inputs = [t.clone() for t in (x, k, acc, ku) if t is not None]
     results = []
-    for step in (reference.stage_step, cuda_euler.stage_step):
+    for step in (reference.stage_step, _cuda_or_reference_stage):
         out = None
         if not out_none:
             out = _nan_buffer(((2 if doubled else 1) * rows, *x.shape[1:]), c, x.device,
@@ -300,7 +327,8 @@ def _stage_both(x, k, grid, i, st, *, acc=None, ku=None, w=1.0, doubled=False, t
         if traj:
             states = _nan_buffer((rows, grid.steps + 1, *x.shape[1:]), c, x.device)
         new, acc_out = step(x, k, grid, i, st.coef, acc, st.acc_weight, st.write_acc,
-                            st.from_acc, out, states[:, i + 1] if traj else None, ku, w)
+                            st.from_acc, out, states[:, i + 1] if traj else None, ku, w,
+                            mix=mix)
         results.append((new, acc_out, states))
     _sync(x.device)
     after = [t for t in (x, k, acc, ku) if t is not None]
@@ -326,26 +354,27 @@ def _assert_same_stage(results, i, what):
 
 @pytest.mark.parametrize("layout", STAGE_LAYOUTS)
 def test_stage_parity_programs_dtypes_guidance_layouts(kdev, layout):
-    """Every stage of every method x state x field dtype x guided (doubled out) x layout; the
-    last stages also write the trajectory slot. The accumulator comes in C, as from the
-    previous stage, or in the state's dtype (widened by stage_step) on alternate cases."""
+    """Every stage of every method x state x field dtype x velocity mode (R1 guidance with a
+    doubled out, the 1.5 mix) x layout; the last stages also write the trajectory slot. The
+    accumulator comes in C, as from the previous stage, or in the state's dtype (widened by
+    stage_step) on alternate cases."""
     shape = (6, 64, 2)
     gen = torch.Generator().manual_seed(zlib.crc32(layout.encode()))
     grid = _grid(5, shape[0], len(shape), kdev, seed=3)
     for n, (st, state, field, guided) in enumerate(
-        itertools.product(STAGES, STATE_DTYPES, FIELD_DTYPES, (False, True))
+        itertools.product(STAGES, STATE_DTYPES, FIELD_DTYPES, GUIDANCE)
     ):
         x = torch.randn(shape, generator=gen).to(kdev, state)
         k = _make_field(layout, shape, field, kdev, gen)
-        ku = _make_field(layout, shape, field, kdev, gen) if guided else None
+        ku = _make_field(layout, shape, field, kdev, gen)
         acc = None
         if st.uses_acc:
             acc_dtype = stage_dtype(state, k, None) if n % 2 else state
             acc = torch.randn(shape, generator=gen).to(kdev, acc_dtype)
         i = n % grid.steps
         what = (layout, st, state, field, guided, i)
-        results = _stage_both(x, k, grid, i, st, acc=acc, ku=ku, w=2.5 if guided else 1.0,
-                              doubled=guided, traj=st in LAST_STAGES)
+        results = _stage_both(x, k, grid, i, st, acc=acc, traj=st in LAST_STAGES,
+                              **_guidance(guided, ku, 2.5, key="ku"))
         _assert_same_stage(results, i, what)
 
 
@@ -376,6 +405,8 @@ def test_stage_parity_odd_sizes_and_misaligned_buffers(kdev, shape):
                 ku = _make_field("contiguous", shape, field, kdev, gen)
                 _assert_same_stage(_stage_both(x, k, grid, 0, st, acc=a, ku=ku, w=-0.75,
                                                doubled=True, traj=True), 0, what + ("guided",))
+                _assert_same_stage(_stage_both(x, k, grid, 0, st, acc=a, ku=ku, w=-0.75,
+                                               mix=True, traj=True), 0, what + ("mix",))
 
 
 def test_stage_fallbacks_give_the_same_bits(kdev):
@@ -395,8 +426,8 @@ def test_stage_fallbacks_give_the_same_bits(kdev):
     _assert_same_stage(_stage_both(x, k, grid, 1, st, acc=acc_b.contiguous(), ku=ku, w=2.0,
                                    doubled=True), 1, "mixed field dtypes")
     out = torch.empty(shape, device=kdev, dtype=torch.float64)
-    new, acc_out = cuda_euler.stage_step(x, k, grid, 1, st.coef, acc_b.contiguous(), 2.0, True,
-                                         False, out)
+    new, acc_out = _cuda_or_reference_stage(x, k, grid, 1, st.coef, acc_b.contiguous(), 2.0,
+                                            True, False, out)
     ref, ref_acc = reference.stage_step(x, k, grid, 1, st.coef, acc_b.contiguous(), 2.0, True,
                                         False, torch.empty_like(out))
     assert new is out and torch.equal(new, ref) and torch.equal(acc_out, ref_acc)
@@ -462,39 +493,67 @@ def test_torch_compile_fullgraph_matches_eager(cuda, method, kwargs):
 
 
 
-# ----------------------------------------------------------- GPU: the emulation is the device
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_torch_compile_of_1_5_guided_sampling_matches_eager(cuda, method):
+    """Alpamayo 1.5's guided sampling (the mix inside the custom ops) compiled with
+    fullgraph=True gives eager's bits under the same seed."""
+    def guided(*, x, t):
+        return (torch.sin(1.7 * x) - 0.5 * x * t + t).to(torch.bfloat16)
+
+    def unguided(*, x, t):
+        return (0.5 * x - t).to(torch.bfloat16)
+
+    fm = alpamayo1_5.FlowMatching(method, 4, 2.5, (64, 2), True, backend="cuda")
+
+    def run():
+        return fm.sample(6, guided, unguided, "cuda", return_all_steps=True)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = run()
+    torch.manual_seed(0)
+    compiled = torch.compile(run, fullgraph=True, backend="eager")()
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "batch1", "misaligned"])
 def test_emulation_matches_the_device(cuda, monkeypatch, layout):
     """The same inputs through the host emulation (CPU) and the GPU, torch.equal: drift between
     the host and the device compilation of the kernels' code (contraction, conversions,
-    intrinsics) shows here, for the Euler update and every Runge-Kutta stage, guided or not."""
+    intrinsics, the 1.5 mix's rounding to 16 bits) shows here, for the Euler update and every
+    Runge-Kutta stage, in every velocity mode (the mix at weights whose float32 rounding and
+    1 - w matter)."""
     ext_or_skip()
     monkeypatch.setenv(cuda_euler.EMULATE_ENV, "1")
     gen = torch.Generator().manual_seed(zlib.crc32(layout.encode()))
     shape = (5, 67, 3)  # odd sizes: vector path (when aligned) and scalar tail
     grid_cpu = _grid(4, shape[0], len(shape), "cpu", seed=1)
     grid_gpu = TimeGrid(grid_cpu.values.to(cuda), shape[0], len(shape))
-    for state, field, guided in itertools.product(STATE_DTYPES, FIELD_DTYPES, (False, True)):
+    modes = [(False, 1.0), ("cfg", 2.5)] + [("mix", w) for w in (2.5, 1.0 / 3.0, -0.7)]
+    for state, field, (guided, w) in itertools.product(STATE_DTYPES, FIELD_DTYPES, modes):
         x = torch.randn(shape, generator=gen).to(state)
         v = _make_field(layout, shape, field, "cpu", gen)
         vu = _make_field(layout, shape, field, "cpu", gen) if guided else None
         c = stage_dtype(state, v, None)
         acc = torch.randn(shape, generator=gen).to(c)
-        what = (layout, state, field, guided)
+        mix = guided == "mix"
+        what = (layout, state, field, guided, w)
 
         def on(device, grid):
             def move(t):  # same values, strides and alignment on the GPU
                 return None if t is None else _same_layout(t, device)
 
             xd, vd, vud, accd = move(x), move(v), move(vu), move(acc)
-            got = [cuda_euler.euler_step(xd, vd, grid, 2, None, None, vud, 2.5)]
+            got = [cuda_euler.euler_step(xd, vd, grid, 2, None, None, vud, w, mix=mix)]
             for st in STAGES:
                 a = accd if st.uses_acc else None
                 got += [t for t in cuda_euler.stage_step(xd, vd, grid, 2, st.coef, a, st.acc_weight,
                                                          st.write_acc, st.from_acc, None, None,
-                                                         vud, 2.5) if t is not None]
+                                                         vud, w, mix=mix) if t is not None]
             return [t.cpu() for t in got]
 
         for a, b in zip(on("cpu", grid_cpu), on(cuda, grid_gpu)):

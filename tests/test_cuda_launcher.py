@@ -15,9 +15,12 @@ import pytest
 import torch
 
 from cuda_ext import EXT, emulated, ext_or_skip  # noqa: F401  (emulated: a fixture)
-from flowmatch_fast import FlowMatching
+from flowmatch_fast import FlowMatching, alpamayo1_5
 from flowmatch_fast.integrators import METHODS
-from flowmatch_fast.kernels import cuda_euler, reference
+from flowmatch_fast import ops
+from flowmatch_fast.kernels import reference
+from flowmatch_fast.kernels.cuda import launch as cuda_euler
+from flowmatch_fast.kernels.cuda import loader as cuda_loader
 from flowmatch_fast.kernels.contract import TimeGrid
 from oracle import spec_sample
 
@@ -103,7 +106,7 @@ def test_stage_binding_checks_its_arguments_before_any_cuda_call():
 
 def test_custom_ops_are_registered_with_their_mutations():
     """torch.compile records the launches as these ops; they write only their output buffers."""
-    assert cuda_euler._OPS_REGISTERED
+    assert ops.REGISTERED
     euler = str(torch.ops.flowmatch_fast.cuda_euler_step.default._schema)
     stage = str(torch.ops.flowmatch_fast.cuda_stage_step.default._schema)
 
@@ -131,8 +134,41 @@ def test_torch_compile_traces_cuda_sampling_into_the_ops(monkeypatch, method, kw
     Traced on meta tensors (Dynamo runs on fake tensors anyway, so no GPU is needed); the
     backend records the graph and stops. The GPU test below runs the same graph for real.
     """
-    monkeypatch.setattr(cuda_euler, "unavailable_reason", lambda device: None)
     steps = 3
+    fm = FlowMatching(x_dims=(64, 2), backend="cuda", num_inference_steps=steps)
+    graph = _traced_graph(monkeypatch, lambda: fm.sample(6, _smooth, device="meta",
+                                                         int_method=method, **kwargs))
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    op = "flowmatch_fast.cuda_euler_step" if method == "euler" else "flowmatch_fast.cuda_stage_step"
+    assert targets.count(op) == steps * len(METHODS[method]), targets
+    other = "flowmatch_fast.cuda_stage_step" if method == "euler" else "flowmatch_fast.cuda_euler_step"
+    assert other not in targets
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_torch_compile_traces_the_1_5_guided_update_into_the_ops(monkeypatch, method):
+    """Alpamayo 1.5's guided sampling under torch.compile(fullgraph=True): one op per stage with
+    mix=True, the two fields' mix inside it (no plain-torch mix in the graph)."""
+    monkeypatch.setattr(reference, "mixed_velocity", None)  # tracing it would fail
+    steps = 3
+    fm = alpamayo1_5.FlowMatching(method, steps, 2.5, (64, 2), True, backend="cuda")
+    unguided = lambda *, x, t: _smooth(x=-x, t=t)  # noqa: E731
+    graph = _traced_graph(monkeypatch, lambda: fm.sample(6, _smooth, unguided, device="meta"))
+    op = "flowmatch_fast.cuda_euler_step" if method == "euler" else "flowmatch_fast.cuda_stage_step"
+    calls = [n for n in graph.graph.nodes if n.op == "call_function" and str(n.target) == op]
+    assert len(calls) == steps * len(METHODS[method])
+    assert all(n.args[-1] is True for n in calls), [n.args for n in calls]  # the op's mix
+
+
+def _smooth(*, x, t):
+    return torch.sin(1.7 * x) - 0.5 * x * t + t
+
+
+def _traced_graph(monkeypatch, run):
+    """The one graph torch.compile(run, fullgraph=True) records of cuda-backend sampling on meta
+    tensors (Dynamo runs on fake tensors anyway, so no GPU is needed); the recording backend
+    stops before running it."""
+    monkeypatch.setattr(cuda_euler, "unavailable_reason", lambda device: None)
     graphs = []
 
     def record(gm, example_inputs):
@@ -143,29 +179,17 @@ def test_torch_compile_traces_cuda_sampling_into_the_ops(monkeypatch, method, kw
 
         return stop
 
-    def field(*, x, t):
-        return torch.sin(1.7 * x) - 0.5 * x * t + t
-
-    fm = FlowMatching(x_dims=(64, 2), backend="cuda", num_inference_steps=steps)
-
-    def run():
-        return fm.sample(6, field, device="meta", int_method=method, **kwargs)
-
     torch._dynamo.reset()
     with pytest.raises(_Traced):
         torch.compile(run, fullgraph=True, backend=record)()
     assert len(graphs) == 1
-    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
-    op = "flowmatch_fast.cuda_euler_step" if method == "euler" else "flowmatch_fast.cuda_stage_step"
-    assert targets.count(op) == steps * len(METHODS[method]), targets
-    other = "flowmatch_fast.cuda_stage_step" if method == "euler" else "flowmatch_fast.cuda_euler_step"
-    assert other not in targets
+    return graphs[0]
 
 
 def test_without_the_ops_compile_traces_the_reference(monkeypatch):
     """A torch that rejected the registration: compiled code falls back to the reference ops."""
     monkeypatch.setattr(cuda_euler, "unavailable_reason", lambda device: None)
-    monkeypatch.setattr(cuda_euler, "_OPS_REGISTERED", False)
+    monkeypatch.setattr(ops, "REGISTERED", False)
     graphs = []
 
     def record(gm, example_inputs):
@@ -185,13 +209,13 @@ def test_availability_check_is_a_constant_under_compile(monkeypatch):
     into the extension, which Dynamo cannot trace, so it runs at trace time as a constant."""
     from flowmatch_fast import backends
 
-    monkeypatch.setattr(cuda_euler, "_runtime_checked", False)
-    monkeypatch.setattr(cuda_euler, "_runtime_error", None)
-    monkeypatch.setattr(cuda_euler, "_arch_reasons", {})
+    monkeypatch.setattr(cuda_loader, "_runtime_checked", False)
+    monkeypatch.setattr(cuda_loader, "_runtime_error", None)
+    monkeypatch.setattr(cuda_loader, "_arch_reasons", {})
     expected = backends.unavailable_reason("cuda", torch.device("cuda"))
-    monkeypatch.setattr(cuda_euler, "_runtime_checked", False)
-    monkeypatch.setattr(cuda_euler, "_runtime_error", None)
-    monkeypatch.setattr(cuda_euler, "_arch_reasons", {})
+    monkeypatch.setattr(cuda_loader, "_runtime_checked", False)
+    monkeypatch.setattr(cuda_loader, "_runtime_error", None)
+    monkeypatch.setattr(cuda_loader, "_arch_reasons", {})
 
     def probe(x):
         reason = backends.unavailable_reason("cuda", torch.device("cuda"))
@@ -220,8 +244,8 @@ def test_cuda_backend_on_cpu_says_what_is_wrong(monkeypatch):
 
 
 def test_unbuilt_extension_reason_names_the_fix(monkeypatch):
-    monkeypatch.setattr(cuda_euler, "_ext", None)
-    monkeypatch.setattr(cuda_euler, "_import_error", ImportError("No module named 'x'"))
+    monkeypatch.setattr(cuda_loader, "_ext", None)
+    monkeypatch.setattr(cuda_loader, "_import_error", ImportError("No module named 'x'"))
     reason = cuda_euler.unavailable_reason(torch.device("cuda"))
     assert EXT in reason and "not built" in reason and "pip install" in reason
     grid = TimeGrid(torch.linspace(0, 1, 3), 2, 2)
@@ -241,8 +265,8 @@ def test_without_gpu_the_extension_raises_clear_errors(monkeypatch):
         assert re.search(r"cuda\w*Error\w*: ", str(exc)), exc  # CUDA's error name and message
     else:
         assert count == 0
-    monkeypatch.setattr(cuda_euler, "_runtime_checked", False)
-    monkeypatch.setattr(cuda_euler, "_runtime_error", None)
+    monkeypatch.setattr(cuda_loader, "_runtime_checked", False)
+    monkeypatch.setattr(cuda_loader, "_runtime_error", None)
     reason = cuda_euler.unavailable_reason(torch.device("cuda"))
     assert reason is not None and ("cudaGetDeviceCount" in reason or "no GPU" in reason)
     x = torch.zeros(2, 3)
@@ -259,8 +283,8 @@ def test_emulation_is_off_without_the_variable(monkeypatch):
     """Without FLOWMATCH_FAST_CUDA_EMULATE, CPU tensors never reach the extension."""
     monkeypatch.delenv(cuda_euler.EMULATE_ENV, raising=False)
     assert cuda_euler.EMULATE_ENV in cuda_euler.unavailable_reason(torch.device("cpu"))
-    monkeypatch.setattr(cuda_euler, "_load", lambda: ext_or_skip())
-    ext = cuda_euler._load()
+    monkeypatch.setattr(cuda_loader, "load", lambda: ext_or_skip())
+    ext = cuda_loader.load()
     before = ext.host_launches()["euler"]
     x = torch.zeros(2, 3)
     with pytest.raises(RuntimeError, match="CUDA tensors.*FLOWMATCH_FAST_CUDA_EMULATE"):
@@ -318,6 +342,45 @@ def test_host_widening_matches_torch_for_every_bit_pattern(emulated):
         assert nan.sum() > 0 and (want[~nan] == 0).sum() == 2 and want.isinf().sum() == 2
 
 
+def _narrowing_cases():
+    """float32 bit patterns for float -> float16 / bfloat16: every high half (every sign, exponent
+    and bf16 mantissa) with low halves on and around the rounding boundaries (bf16 ties at 0x8000;
+    float16 ties at 0x1000 for normals and at 0x2000, 0x4000, 0x8000 for denormals, the rest in
+    the high half), plus random patterns."""
+    high = torch.arange(65536, dtype=torch.int64) << 16
+    lows = [0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x2001, 0x3000, 0x4000, 0x4001, 0x7FFF,
+            0x8000, 0x8001, 0x9000, 0xC000, 0xFFFF]
+    cases = [high | low for low in lows]
+    cases.append(torch.randint(0, 2**32, (1 << 20,), generator=torch.Generator().manual_seed(1)))
+    bits = torch.cat(cases)
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+def test_host_narrowing_matches_torch_over_many_bit_patterns(emulated):
+    """float32 -> float16 / bfloat16 as the kernels round on the host (kMix): the bits of torch's
+    .to(), round to nearest even, for zeros, denormals (of both widths), overflow to inf, inf,
+    exact ties either way; a NaN stays a NaN (payloads differ between torch's own scalar and
+    vector conversions, and the device canonicalises them)."""
+    codes = emulated.dtype_codes()
+    values = _narrowing_cases()
+    nan = values.isnan()
+    for dtype in (torch.float16, torch.bfloat16):
+        raw = emulated.narrow_host(codes[str(dtype).split(".")[1]], values.numpy().tobytes())
+        got = torch.frombuffer(bytearray(raw), dtype=torch.int16)
+        want = values.to(dtype).view(torch.int16)
+        assert got.view(dtype)[nan].isnan().all(), dtype
+        bad = (got != want) & ~nan
+        assert not bad.any(), (dtype, values[bad][:5].tolist())
+        # The cases hold what they claim: exact ties rounded up and down, overflow to inf.
+        wide, rounded = values.double(), want.view(dtype).double()
+        up, down = rounded.abs() > wide.abs(), rounded.abs() < wide.abs()
+        # a tie: as far from the next pattern on the other side (sign-magnitude: +-1 in the bits)
+        other = torch.where(up, want - 1, want + 1).view(dtype).double()
+        tie = (wide - rounded).abs() == (wide - other).abs()
+        assert (tie & up).sum() > 1000 and (tie & down).sum() > 1000, dtype
+        assert (want.view(dtype).isinf() & values.isfinite()).any(), dtype
+
+
 # -------------------------------------------------------------------- what the launcher decides
 def _launch(step, x, v, *, out=None, traj=None, vu=None, acc=None, doubled=False):
     """One emulated launch of euler_step / stage_step, checked against the reference on the same
@@ -341,7 +404,7 @@ def _launch(step, x, v, *, out=None, traj=None, vu=None, acc=None, doubled=False
     (want, want_traj), (got, got_traj) = results
     assert torch.equal(got, want)
     assert traj is None or torch.equal(got_traj, want_traj)
-    return cuda_euler._load().host_launches()
+    return cuda_loader.load().host_launches()
 
 
 def _misaligned(shape, dtype=torch.float32):

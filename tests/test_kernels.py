@@ -1,7 +1,9 @@
 """Every fused backend's ``euler_step`` against the reference, bitwise, case by case.
 
-Runs for Triton on CPU tensors when ``TRITON_INTERPRET=1`` (CI does), and for Triton and the
-CUDA extension on a CUDA device when there is one; otherwise the cases skip with the reason.
+Runs for Triton on CPU tensors when ``TRITON_INTERPRET=1`` (CI does), for the CUDA extension on CPU
+tensors through its host emulation when ``FLOWMATCH_FAST_CUDA_EMULATE=1`` (CI does), and for
+Triton and the CUDA extension on a CUDA device when there is one; otherwise the cases skip with
+the reason.
 """
 
 import itertools
@@ -21,7 +23,8 @@ SHAPES = ((1, 1), (3, 5), (6, 64, 2), (2, 1025), (4, 3, 7, 11), (1, 4099))
 
 def _targets():
     out = []
-    for name, dev in (("triton", "cpu"), ("triton", "cuda"), ("cuda", "cuda")):
+    # ("cuda", "cpu"): the CUDA kernels' host emulation (FLOWMATCH_FAST_CUDA_EMULATE=1).
+    for name, dev in (("triton", "cpu"), ("cuda", "cpu"), ("triton", "cuda"), ("cuda", "cuda")):
         marks = [pytest.mark.gpu] if dev == "cuda" else []
         out.append(pytest.param((name, dev), id=f"{name}-{dev}", marks=marks))
     return out

@@ -1,7 +1,7 @@
 """The backend contract, stated once: the time grid, dtype promotion, what a step reads, and the
 descriptions of a Runge-Kutta stage and of guidance.
 
-Every backend module (``reference``, ``triton_euler``, ``cuda_euler``) has:
+Every backend module (``reference``, ``triton.launch``, ``cuda.launch``) has:
 
 ``euler_step(x, v, grid, i, out=None, traj=None, v_uncond=None, guidance_weight=1.0, mix=False)``
 ``stage_step(x, k, grid, i, coef, acc=None, acc_weight=1.0, write_acc=False, from_acc=False,

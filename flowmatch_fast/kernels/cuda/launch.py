@@ -1,0 +1,197 @@
+"""The ``cuda`` backend's steps: the fused Euler update and Runge-Kutta stage as compiled kernels.
+
+The binding is torch-free (raw pointers, sizes, strides, the stream handle), so this module does
+the torch side: the broadcast of the field, the host checks, and picking the tensors' device and
+its current stream, with as little Python as possible since it runs once per step (or stage).
+Which calls the kernels take is :func:`supports`; the integrators run the reference for the rest.
+Under ``torch.compile`` the launches go through the ops of :mod:`flowmatch_fast.ops`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..contract import KERNEL_STATE_DTYPES, TimeGrid, kernel_supports, result_dtype
+from . import loader
+from .loader import EMULATE_ENV, EXTENSION, emulating, unavailable_reason  # noqa: F401
+
+# PyTorch's current stream as a raw handle, without building a Stream object (what
+# torch.compile's generated code calls); the public API is the fallback.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def supports(x, v, acc=None, v_uncond=None, mix=False, out=None, traj=None) -> bool:
+    """Whether the kernels take this call: the kernels' dtypes, a contiguous state, a second
+    field (guidance, either form) of the first one's dtype, an ``out`` of the result dtype
+    ``C = promote(state, field)`` and contiguous, an accumulator of the state's shape that does
+    not widen ``C`` (a float32 state and field after a float64 field call: the kernel, compiled
+    for ``C``, does not hold float64)."""
+    if not (kernel_supports(x, v) and x.is_contiguous()):
+        return False
+    if v_uncond is not None and not (v_uncond.dtype == v.dtype
+                                     and v_uncond.layout == torch.strided):
+        return False
+    c = result_dtype(x.dtype, v)
+    if out is not None and not (out.dtype == c and out.is_contiguous()):
+        return False
+    return acc is None or (acc.shape == x.shape and acc.dtype in KERNEL_STATE_DTYPES
+                           and torch.promote_types(c, acc.dtype) == c)
+
+
+def _target(x: torch.Tensor):
+    """(device index, raw stream handle) of a launch on ``x``'s tensors: the current stream of
+    ``x``'s CUDA device (which need not be the current device), or (-1, 0) for CPU tensors under
+    the host emulation (-1 is the binding's HOST)."""
+    device = x.get_device()
+    if device >= 0:
+        if _raw_stream is not None:
+            return device, _raw_stream(device)
+        return device, torch.cuda.current_stream(device).cuda_stream
+    if x.device.type != "cpu" or not emulating():
+        raise RuntimeError(f"the cuda backend runs on CUDA tensors; got x on {x.device} (CPU tensors "
+                           f"need {EMULATE_ENV}=1, the host emulation)")
+    return device, 0
+
+
+def euler_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    grid: TimeGrid,
+    i: int,
+    out: Optional[torch.Tensor] = None,
+    traj: Optional[torch.Tensor] = None,
+    v_uncond: Optional[torch.Tensor] = None,
+    guidance_weight: float = 1.0,
+    mix: bool = False,
+) -> torch.Tensor:
+    """The fused update, for calls :func:`supports` takes (contract: ``kernels.contract``)."""
+    if v.shape != x.shape:
+        v = v.expand(x.shape)  # a broadcast field: stride-0 dims, handled by the kernel
+        v_uncond = v_uncond.expand(x.shape) if v_uncond is not None else None
+    if out is None:
+        out = torch.empty(x.shape, dtype=result_dtype(x.dtype, v), device=x.device)
+    launch = (torch.ops.flowmatch_fast.cuda_euler_step if torch.compiler.is_compiling()
+              else launch_euler)
+    launch(x, v, v_uncond, grid.values, i, out, traj, float(guidance_weight), bool(mix))
+    return out
+
+
+def stage_step(
+    x: torch.Tensor,
+    k: torch.Tensor,
+    grid: TimeGrid,
+    i: int,
+    coef: float,
+    acc: Optional[torch.Tensor] = None,
+    acc_weight: float = 1.0,
+    write_acc: bool = False,
+    from_acc: bool = False,
+    out: Optional[torch.Tensor] = None,
+    traj: Optional[torch.Tensor] = None,
+    k_uncond: Optional[torch.Tensor] = None,
+    guidance_weight: float = 1.0,
+    mix: bool = False,
+):
+    """One fused Runge-Kutta stage, for calls :func:`supports` takes; ``(x_out, acc_out or
+    None)``. ``acc_weight`` must be 1 or 2 (the weights of ``contract.METHODS``)."""
+    if acc_weight != 1.0 and acc_weight != 2.0:
+        raise ValueError(f"acc_weight must be 1 or 2 (the RK weights), got {acc_weight}")
+    if k.shape != x.shape:
+        k = k.expand(x.shape)
+        k_uncond = k_uncond.expand(x.shape) if k_uncond is not None else None
+    c = result_dtype(x.dtype, k)  # the kernel's compute dtype C = promote(state, P)
+    if acc is not None and (acc.dtype != c or not acc.is_contiguous()):
+        # exact widening (as the reference), then a real copy: .to(memory_format=...) returns
+        # an expanded (stride-0) tensor unchanged, since its suggested format is "contiguous"
+        acc = acc.to(c).contiguous()
+    if out is None:
+        out = torch.empty(x.shape, dtype=c, device=x.device)
+    acc_out = torch.empty(x.shape, dtype=c, device=x.device) if write_acc else None
+    launch = (torch.ops.flowmatch_fast.cuda_stage_step if torch.compiler.is_compiling()
+              else launch_stage)
+    launch(x, k, k_uncond, acc, grid.values, i, float(coef), float(acc_weight), bool(from_acc),
+           out, acc_out, traj, float(guidance_weight), bool(mix))
+    return out, acc_out
+
+
+def _prepare(x, v, v_uncond, values, i, out, traj, *buffers):
+    """The host checks of one launch, and its arguments: ``(ext, state code, field code, v,
+    v_uncond, doubled, traj args, device, stream)``, or ``None`` when there is nothing to write."""
+    ext = loader._ext if loader._ext is not None else loader.require()
+    shape = x.shape
+    if v_uncond is not None and v_uncond.stride() != v.stride():  # one indexer for both fields
+        v, v_uncond = v.contiguous(), v_uncond.contiguous()
+    if len(shape) > ext.MAX_DIMS:  # more dims than the kernel's indexer holds (never in practice)
+        v = v.contiguous()
+        v_uncond = v_uncond.contiguous() if v_uncond is not None else None
+    n = x.numel()
+    if out.numel() not in (n, 2 * n):
+        raise ValueError(
+            f"out must hold 1 or 2 copies of the state ({n} elements); got shape {tuple(out.shape)}"
+        )
+    device, stream = _target(x)
+    if (v.get_device() != device or out.get_device() != device or values.get_device() != device
+            or any(t is not None and t.get_device() != device for t in (v_uncond, *buffers))):
+        raise ValueError(f"x, the fields, acc, out and the time grid must all be on {x.device}")
+    if values.dtype != torch.float32 or not values.is_contiguous():
+        raise ValueError("the time grid must be a contiguous float32 tensor")
+    if not 0 <= i < values.numel() - 1:
+        raise IndexError(f"step {i} is outside the grid's {values.numel() - 1} steps")
+    if n == 0:
+        return None  # nothing to write, nothing to launch
+    # The trajectory slot states[:, i+1] is [B, M] with contiguous rows and a batch stride;
+    # anything else is written by a copy after the kernel.
+    traj_args, copy_traj = (0, 0, 0), traj is not None
+    if copy_traj and (traj.dtype == out.dtype and traj.shape == shape
+                      and traj.get_device() == device and traj.stride()[1:] == x.stride()[1:]):
+        traj_args, copy_traj = (traj.data_ptr(), n // shape[0], traj.stride(0)), False
+    return (ext, loader.STATE_CODES[x.dtype], loader.FIELD_CODES[v.dtype], v, v_uncond,
+            out.numel() == 2 * n, traj_args, copy_traj, device, stream)
+
+
+def _mode(v_uncond, mix: bool) -> int:
+    return loader.MODES["field" if v_uncond is None else "mix" if mix else "cfg"]
+
+
+def launch_euler(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
+                 grid_values: torch.Tensor, step: int, out: torch.Tensor,
+                 traj: Optional[torch.Tensor], guidance_weight: float, mix: bool) -> None:
+    """One Euler launch into buffers given (``v`` expanded to ``x``'s shape); the body of the
+    op ``flowmatch_fast::cuda_euler_step``."""
+    args = _prepare(x, v, v_uncond, grid_values, step, out, traj)
+    if args is None:
+        return
+    ext, state_code, field_code, v, v_uncond, doubled, traj_args, copy_traj, device, stream = args
+    ext.euler_step(
+        x.data_ptr(), state_code,
+        v.data_ptr(), v_uncond.data_ptr() if v_uncond is not None else 0, field_code,
+        _mode(v_uncond, mix), out.data_ptr(), doubled, *traj_args,
+        x.shape, v.stride(), grid_values.data_ptr(), step, guidance_weight, device, stream,
+    )  # fmt: skip
+    if copy_traj:
+        traj.copy_(out[:x.shape[0]])
+
+
+def launch_stage(x: torch.Tensor, k: torch.Tensor, k_uncond: Optional[torch.Tensor],
+                 acc: Optional[torch.Tensor], grid_values: torch.Tensor, step: int, coef: float,
+                 acc_weight: float, from_acc: bool, out: torch.Tensor,
+                 acc_out: Optional[torch.Tensor], traj: Optional[torch.Tensor],
+                 guidance_weight: float, mix: bool) -> None:
+    """One stage launch into buffers given (``acc`` of the compute dtype, contiguous); the body
+    of the op ``flowmatch_fast::cuda_stage_step``."""
+    args = _prepare(x, k, k_uncond, grid_values, step, out, traj, acc, acc_out)
+    if args is None:
+        return
+    ext, state_code, field_code, k, k_uncond, doubled, traj_args, copy_traj, device, stream = args
+    ext.stage_step(
+        x.data_ptr(), state_code,
+        k.data_ptr(), k_uncond.data_ptr() if k_uncond is not None else 0, field_code,
+        _mode(k_uncond, mix), acc.data_ptr() if acc is not None else 0,
+        out.data_ptr(), acc_out.data_ptr() if acc_out is not None else 0, doubled, *traj_args,
+        x.shape, k.stride(), grid_values.data_ptr(), step, coef, acc_weight == 2.0, from_acc,
+        guidance_weight, device, stream,
+    )  # fmt: skip
+    if copy_traj:
+        traj.copy_(out[:x.shape[0]])
