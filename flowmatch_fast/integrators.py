@@ -128,19 +128,18 @@ def choose(backend, x, v, acc=None, v_uncond=None, mix=False, out=None, traj=Non
     return reference, v, v_uncond
 
 
-def euler_step(backend, x, v, grid: TimeGrid, i, out=None, traj=None, v_uncond=None, weight=1.0,
-               mix=False):
+def euler_step(backend, x, v, grid: TimeGrid, i, out=None, traj=None, v_uncond=None,
+               guidance: Guidance = NO_GUIDANCE):
     """One Euler update through :func:`choose` (arguments as the contract's ``euler_step``)."""
-    step, v, v_uncond = choose(backend, x, v, None, v_uncond, mix, out, traj)
-    return step.euler_step(x, v, grid, i, out, traj, v_uncond, weight, mix)
+    step, v, v_uncond = choose(backend, x, v, None, v_uncond, guidance.mix, out, traj)
+    return step.euler_step(x, v, grid, i, out, traj, v_uncond, guidance)
 
 
 def stage_step(backend, x, k, grid: TimeGrid, i, stage: Stage, acc=None, out=None, traj=None,
-               k_uncond=None, weight=1.0, mix=False):
+               k_uncond=None, guidance: Guidance = NO_GUIDANCE):
     """One Runge-Kutta stage through :func:`choose`; returns ``(x_out, acc_out or None)``."""
-    step, k, k_uncond = choose(backend, x, k, acc, k_uncond, mix, out, traj)
-    return step.stage_step(x, k, grid, i, stage.coef, acc, stage.acc_weight, stage.write_acc,
-                           stage.from_acc, out, traj, k_uncond, weight, mix)
+    step, k, k_uncond = choose(backend, x, k, acc, k_uncond, guidance.mix, out, traj)
+    return step.stage_step(x, k, grid, i, stage, acc, out, traj, k_uncond, guidance)
 
 
 def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
@@ -187,10 +186,9 @@ def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
             out = torch.empty((2 * rows, *x.shape[1:]), dtype=dtype, device=x.device) if guided else None
             slot = trajectory.slot(i + 1, dtype) if trajectory is not None and j == last else None
             if method == "euler":
-                xs = euler_step(backend, x, v, grid, i, out, slot, vu, guidance.weight, mix)
+                xs = euler_step(backend, x, v, grid, i, out, slot, vu, guidance)
             else:
-                xs, acc = stage_step(backend, x, v, grid, i, st, acc_in, out, slot, vu,
-                                     guidance.weight, mix)
+                xs, acc = stage_step(backend, x, v, grid, i, st, acc_in, out, slot, vu, guidance)
         x_in = xs
         x = xs[:rows] if guided else xs
     return x

@@ -24,7 +24,7 @@ from flowmatch_fast.integrators import METHODS, choose
 from flowmatch_fast.kernels import reference
 from flowmatch_fast.kernels.cuda import launch as cuda_euler
 from flowmatch_fast.kernels.triton import launch as triton_euler
-from flowmatch_fast.kernels.contract import TimeGrid
+from flowmatch_fast.kernels.contract import Guidance, TimeGrid
 from cuda_ext import emulated  # noqa: F401  (the host-emulation fixture)
 from fields import FIELD_DTYPES, LAYOUTS, make_field, smooth
 from oracle import spec_sample_1_5
@@ -327,7 +327,7 @@ def test_fused_mix_matches_the_expression(target, case_rng):
         expect = x + grid.dt_views[i] * ((1 - w) * vu + w * vg)
         traj = torch.full((shape[0], 6, *shape[1:]), 7.0, dtype=expect.dtype, device=device)
         assert backend.supports(x, vg, None, vu, True, None, traj[:, i + 1])
-        out = backend.euler_step(x, vg, grid, i, None, traj[:, i + 1], vu, w, mix=True)
+        out = backend.euler_step(x, vg, grid, i, None, traj[:, i + 1], vu, Guidance("mix", w))
         what = f"{state} {field} {layout} w={w} shape={shape} i={i}"
         _assert_same(out, expect, what)
         _assert_same(traj[:, i + 1], expect, what + " traj")

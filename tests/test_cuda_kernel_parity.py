@@ -8,6 +8,7 @@ elements, and torch.compile.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import zlib
 
@@ -17,11 +18,11 @@ import torch
 from cuda_ext import ext_or_skip
 from flowmatch_fast import FlowMatching, alpamayo1_5
 from flowmatch_fast import integrators
-from flowmatch_fast.integrators import METHODS, Stage
+from flowmatch_fast.integrators import METHODS
 from flowmatch_fast.kernels import reference
 from flowmatch_fast.kernels.cuda import launch as cuda_euler
 from flowmatch_fast.kernels.cuda import loader as cuda_loader
-from flowmatch_fast.kernels.contract import TimeGrid, result_dtype, stage_dtype
+from flowmatch_fast.kernels.contract import Guidance, TimeGrid, result_dtype, stage_dtype
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -68,15 +69,13 @@ def _make_field(layout, shape, dtype, device, gen):
     raise ValueError(layout)
 
 
-def _cuda_or_reference_euler(x, v, grid, i, out=None, traj=None, vu=None, w=1.0, mix=False):
-    """The CUDA step where its ``supports`` takes the call, else the reference (as sampling)."""
-    return integrators.euler_step(cuda_euler, x, v, grid, i, out, traj, vu, w, mix)
+# The CUDA steps where their ``supports`` takes the call, else the reference (as sampling does).
+_cuda_or_reference_euler = functools.partial(integrators.euler_step, cuda_euler)
+_cuda_or_reference_stage = functools.partial(integrators.stage_step, cuda_euler)
 
 
-def _cuda_or_reference_stage(x, k, grid, i, coef, acc=None, acc_weight=1.0, write_acc=False,
-                             from_acc=False, out=None, traj=None, ku=None, w=1.0, mix=False):
-    stage = Stage("start", coef, acc_weight, write_acc, from_acc)
-    return integrators.stage_step(cuda_euler, x, k, grid, i, stage, acc, out, traj, ku, w, mix)
+def _as_guidance(w, mix):
+    return Guidance("mix" if mix else "batch", w)
 
 
 def _both(x, v, grid, i, *, traj=False, doubled=False, vu=None, w=1.0, mix=False,
@@ -98,7 +97,8 @@ def _both(x, v, grid, i, *, traj=False, doubled=False, vu=None, w=1.0, mix=False
         if traj:
             states = torch.full((rows, grid.steps + 1, *x.shape[1:]), SENTINEL, dtype=dtype,
                                 device=x.device)
-        res = step(x, v, grid, i, out, states[:, i + 1] if traj else None, vu, w, mix=mix)
+        res = step(x, v, grid, i, out, states[:, i + 1] if traj else None, vu,
+                   _as_guidance(w, mix))
         results.append((res, states))
     _sync(x.device)
     return results
@@ -326,9 +326,8 @@ def _stage_both(x, k, grid, i, st, *, acc=None, ku=None, w=1.0, mix=False, doubl
         states = None
         if traj:
             states = _nan_buffer((rows, grid.steps + 1, *x.shape[1:]), c, x.device)
-        new, acc_out = step(x, k, grid, i, st.coef, acc, st.acc_weight, st.write_acc,
-                            st.from_acc, out, states[:, i + 1] if traj else None, ku, w,
-                            mix=mix)
+        new, acc_out = step(x, k, grid, i, st, acc, out, states[:, i + 1] if traj else None, ku,
+                            _as_guidance(w, mix))
         results.append((new, acc_out, states))
     _sync(x.device)
     after = [t for t in (x, k, acc, ku) if t is not None]
@@ -426,10 +425,8 @@ def test_stage_fallbacks_give_the_same_bits(kdev):
     _assert_same_stage(_stage_both(x, k, grid, 1, st, acc=acc_b.contiguous(), ku=ku, w=2.0,
                                    doubled=True), 1, "mixed field dtypes")
     out = torch.empty(shape, device=kdev, dtype=torch.float64)
-    new, acc_out = _cuda_or_reference_stage(x, k, grid, 1, st.coef, acc_b.contiguous(), 2.0,
-                                            True, False, out)
-    ref, ref_acc = reference.stage_step(x, k, grid, 1, st.coef, acc_b.contiguous(), 2.0, True,
-                                        False, torch.empty_like(out))
+    new, acc_out = _cuda_or_reference_stage(x, k, grid, 1, st, acc_b.contiguous(), out)
+    ref, ref_acc = reference.stage_step(x, k, grid, 1, st, acc_b.contiguous(), torch.empty_like(out))
     assert new is out and torch.equal(new, ref) and torch.equal(acc_out, ref_acc)
 
 
@@ -447,17 +444,16 @@ def test_stage_graph_capture_reads_dt_on_the_device(cuda):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture
-        cuda_euler.stage_step(x, k, grid, 2, st.coef, acc, 1.0, False, True, out)
+        cuda_euler.stage_step(x, k, grid, 2, st, acc, out)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        cuda_euler.stage_step(x, k, grid, 2, st.coef, acc, 1.0, False, True, out)
+        cuda_euler.stage_step(x, k, grid, 2, st, acc, out)
     for seed in (1, 2):
         grid.values.copy_(_grid(4, 6, 3, cuda, seed=seed).values)
         graph.replay()
         torch.cuda.synchronize()
-        want, _ = reference.stage_step(x, k, TimeGrid(grid.values, 6, 3), 2, st.coef, acc, 1.0,
-                                       False, True)
+        want, _ = reference.stage_step(x, k, TimeGrid(grid.values, 6, 3), 2, st, acc)
         assert torch.equal(out, want)
 
 
@@ -548,12 +544,11 @@ def test_emulation_matches_the_device(cuda, monkeypatch, layout):
                 return None if t is None else _same_layout(t, device)
 
             xd, vd, vud, accd = move(x), move(v), move(vu), move(acc)
-            got = [cuda_euler.euler_step(xd, vd, grid, 2, None, None, vud, w, mix=mix)]
+            got = [cuda_euler.euler_step(xd, vd, grid, 2, None, None, vud, _as_guidance(w, mix))]
             for st in STAGES:
                 a = accd if st.uses_acc else None
-                got += [t for t in cuda_euler.stage_step(xd, vd, grid, 2, st.coef, a, st.acc_weight,
-                                                         st.write_acc, st.from_acc, None, None,
-                                                         vud, w, mix=mix) if t is not None]
+                got += [t for t in cuda_euler.stage_step(xd, vd, grid, 2, st, a, None, None, vud,
+                                                         _as_guidance(w, mix)) if t is not None]
             return [t.cpu() for t in got]
 
         for a, b in zip(on("cpu", grid_cpu), on(cuda, grid_gpu)):

@@ -21,7 +21,7 @@ from flowmatch_fast import ops
 from flowmatch_fast.kernels import reference
 from flowmatch_fast.kernels.cuda import launch as cuda_euler
 from flowmatch_fast.kernels.cuda import loader as cuda_loader
-from flowmatch_fast.kernels.contract import TimeGrid
+from flowmatch_fast.kernels.contract import Guidance, Stage, TimeGrid
 from oracle import spec_sample
 
 # ------------------------------------------------------------------ host-side index math
@@ -231,8 +231,8 @@ def test_availability_check_is_a_constant_under_compile(monkeypatch):
 def test_stage_step_rejects_other_acc_weights():
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="acc_weight must be 1 or 2"):
-        cuda_euler.stage_step(x, x, TimeGrid(torch.linspace(0, 1, 3), 2, 2), 0, 0.5, x,
-                              acc_weight=3.0)
+        cuda_euler.stage_step(x, x, TimeGrid(torch.linspace(0, 1, 3), 2, 2), 0,
+                              Stage("start", 0.5, acc_weight=3.0), x)
 
 
 # ----------------------------------------------------------------------- without a GPU
@@ -254,7 +254,7 @@ def test_unbuilt_extension_reason_names_the_fix(monkeypatch):
     with pytest.raises(RuntimeError, match="not built"):
         cuda_euler.euler_step(torch.zeros(2, 3), torch.zeros(2, 3), grid, 0)
     with pytest.raises(RuntimeError, match="not built"):
-        cuda_euler.stage_step(torch.zeros(2, 3), torch.zeros(2, 3), grid, 0, 0.5)
+        cuda_euler.stage_step(torch.zeros(2, 3), torch.zeros(2, 3), grid, 0, Stage("start", 0.5))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without GPU")
@@ -276,7 +276,7 @@ def test_without_gpu_the_extension_raises_clear_errors(monkeypatch):
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         cuda_euler.euler_step(x, x, grid, 0)
     with pytest.raises(RuntimeError, match="CUDA tensors"):
-        cuda_euler.stage_step(x, x, grid, 0, 0.5, x, 2.0, True)
+        cuda_euler.stage_step(x, x, grid, 0, Stage("start", 0.5, 2.0, True), x)
 
 
 
@@ -398,10 +398,10 @@ def _launch(step, x, v, *, out=None, traj=None, vu=None, acc=None, doubled=False
             if buf is not None:
                 buf.fill_(float("nan"))
         if step == "euler":
-            r = backend.euler_step(x, v, grid, 1, out, traj, vu, 2.5)
+            r = backend.euler_step(x, v, grid, 1, out, traj, vu, Guidance("batch", 2.5))
         else:
-            r, _ = backend.stage_step(x, v, grid, 1, 0.5, acc, 2.0, True, False, out, traj, vu,
-                                      2.5)
+            r, _ = backend.stage_step(x, v, grid, 1, Stage("start", 0.5, 2.0, True), acc, out,
+                                      traj, vu, Guidance("batch", 2.5))
         results.append((r.clone(), None if traj is None else traj.clone()))
     (want, want_traj), (got, got_traj) = results
     assert torch.equal(got, want)
@@ -573,7 +573,7 @@ def test_launch_on_device_1_while_device_0_is_current(step):
             if step == "euler":
                 cuda_euler.euler_step(x, v, grid, 0, out)
             else:
-                cuda_euler.stage_step(x, v, grid, 0, 0.5, None, 1.0, False, False, out)
+                cuda_euler.stage_step(x, v, grid, 0, Stage("start", 0.5), None, out)
 
     with torch.cuda.device(1):
         side = torch.cuda.Stream(dev)
@@ -589,5 +589,5 @@ def test_launch_on_device_1_while_device_0_is_current(step):
         torch.cuda.synchronize(dev)
     assert torch.cuda.current_device() == 0
     want = (reference.euler_step(x, v, grid, 0) if step == "euler" else
-            reference.stage_step(x, v, grid, 0, 0.5)[0])
+            reference.stage_step(x, v, grid, 0, Stage("start", 0.5))[0])
     assert torch.equal(out, want)

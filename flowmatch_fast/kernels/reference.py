@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .contract import TimeGrid, stage_dtype
+from .contract import NO_GUIDANCE, Guidance, Stage, TimeGrid, stage_dtype
 
 _F32 = torch.float32
 
@@ -33,12 +33,14 @@ def mixed_velocity(vg: torch.Tensor, vu: torch.Tensor, weight: float) -> torch.T
     return (1 - weight) * vu + weight * vg
 
 
-def guide(v: torch.Tensor, v_uncond: Optional[torch.Tensor], weight: float, mix: bool):
+def guide(v: torch.Tensor, v_uncond: Optional[torch.Tensor], guidance: Guidance):
     """The velocity of one stage: ``v`` itself, or guided (R1 extra's difference form, or 1.5's
-    mix of two fields when ``mix``)."""
+    mix of two fields)."""
     if v_uncond is None:
         return v
-    return mixed_velocity(v, v_uncond, weight) if mix else guided_velocity(v, v_uncond, weight)
+    if guidance.mode == "mix":
+        return mixed_velocity(v, v_uncond, guidance.weight)
+    return guided_velocity(v, v_uncond, guidance.weight)
 
 
 def euler_step(
@@ -49,10 +51,9 @@ def euler_step(
     out: Optional[torch.Tensor] = None,
     traj: Optional[torch.Tensor] = None,
     v_uncond: Optional[torch.Tensor] = None,
-    guidance_weight: float = 1.0,
-    mix: bool = False,
+    guidance: Guidance = NO_GUIDANCE,
 ) -> torch.Tensor:
-    v = guide(v, v_uncond, guidance_weight, mix)
+    v = guide(v, v_uncond, guidance)
     # two ops per step, the floor for plain torch (addcmul would fuse: not bitwise)
     return _write_state(x, torch.mul(grid.dt_views[i], v), out, traj)
 
@@ -81,37 +82,33 @@ def stage_step(
     k: torch.Tensor,
     grid: TimeGrid,
     i: int,
-    coef: float,
+    stage: Stage,
     acc: Optional[torch.Tensor] = None,
-    acc_weight: float = 1.0,
-    write_acc: bool = False,
-    from_acc: bool = False,
     out: Optional[torch.Tensor] = None,
     traj: Optional[torch.Tensor] = None,
     k_uncond: Optional[torch.Tensor] = None,
-    guidance_weight: float = 1.0,
-    mix: bool = False,
+    guidance: Guidance = NO_GUIDANCE,
 ):
     """One stage of a fixed-step Runge-Kutta method, in the compute dtype ``C``.
 
     ``kk = C(k)`` (guided first, in the product dtype), ``s = acc + acc_weight * kk`` (``acc``
     absent: ``acc_weight * kk``), ``h = C(dt_i) * C(coef)``, ``x_out = C(x) + h * (s if from_acc
     else kk)``; every op rounded in ``C`` (so a float64 state gets float64 RK weights).
-    Returns ``(x_out, s or None)``.
+    Returns ``(x_out, s or None)`` (``s`` when the stage writes the accumulator).
     """
-    k = guide(k, k_uncond, guidance_weight, mix)
+    k = guide(k, k_uncond, guidance)
     c = stage_dtype(x.dtype, k, acc)
     kk = k.to(c)
-    s = kk if acc_weight == 1.0 else kk * acc_weight
+    s = kk if stage.acc_weight == 1.0 else kk * stage.acc_weight
     if acc is not None:
         s = acc.to(c) + s
-    d = s if from_acc else kk
+    d = s if stage.from_acc else kk
     h = grid.dt_views[i].to(c)
-    if coef != 1.0:
-        h = h * coef
+    if stage.coef != 1.0:
+        h = h * stage.coef
     out = _write_state(x.to(c), h * d, out, traj)
     acc_out = None
-    if write_acc:  # x-shaped and contiguous, whatever the field's broadcast (as the kernels write it)
+    if stage.write_acc:  # x-shaped and contiguous, whatever the field's broadcast (as the kernels write it)
         acc_out = s if s.shape == x.shape and s.is_contiguous() else s.expand(x.shape).contiguous()
     return out, acc_out
 

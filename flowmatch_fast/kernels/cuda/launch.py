@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..contract import KERNEL_STATE_DTYPES, TimeGrid, kernel_supports, result_dtype
+from ..contract import KERNEL_STATE_DTYPES, fused_steps, kernel_supports, result_dtype
 from . import loader
 from .loader import EMULATE_ENV, EXTENSION, emulating, unavailable_reason  # noqa: F401
 
@@ -53,67 +53,6 @@ def _target(x: torch.Tensor):
         raise RuntimeError(f"the cuda backend runs on CUDA tensors; got x on {x.device} (CPU tensors "
                            f"need {EMULATE_ENV}=1, the host emulation)")
     return device, 0
-
-
-def euler_step(
-    x: torch.Tensor,
-    v: torch.Tensor,
-    grid: TimeGrid,
-    i: int,
-    out: Optional[torch.Tensor] = None,
-    traj: Optional[torch.Tensor] = None,
-    v_uncond: Optional[torch.Tensor] = None,
-    guidance_weight: float = 1.0,
-    mix: bool = False,
-) -> torch.Tensor:
-    """The fused update, for calls :func:`supports` takes (contract: ``kernels.contract``)."""
-    if v.shape != x.shape:
-        v = v.expand(x.shape)  # a broadcast field: stride-0 dims, handled by the kernel
-        v_uncond = v_uncond.expand(x.shape) if v_uncond is not None else None
-    if out is None:
-        out = torch.empty(x.shape, dtype=result_dtype(x.dtype, v), device=x.device)
-    launch = (torch.ops.flowmatch_fast.cuda_euler_step if torch.compiler.is_compiling()
-              else launch_euler)
-    launch(x, v, v_uncond, grid.values, i, out, traj, float(guidance_weight), bool(mix))
-    return out
-
-
-def stage_step(
-    x: torch.Tensor,
-    k: torch.Tensor,
-    grid: TimeGrid,
-    i: int,
-    coef: float,
-    acc: Optional[torch.Tensor] = None,
-    acc_weight: float = 1.0,
-    write_acc: bool = False,
-    from_acc: bool = False,
-    out: Optional[torch.Tensor] = None,
-    traj: Optional[torch.Tensor] = None,
-    k_uncond: Optional[torch.Tensor] = None,
-    guidance_weight: float = 1.0,
-    mix: bool = False,
-):
-    """One fused Runge-Kutta stage, for calls :func:`supports` takes; ``(x_out, acc_out or
-    None)``. ``acc_weight`` must be 1 or 2 (the weights of ``contract.METHODS``)."""
-    if acc_weight != 1.0 and acc_weight != 2.0:
-        raise ValueError(f"acc_weight must be 1 or 2 (the RK weights), got {acc_weight}")
-    if k.shape != x.shape:
-        k = k.expand(x.shape)
-        k_uncond = k_uncond.expand(x.shape) if k_uncond is not None else None
-    c = result_dtype(x.dtype, k)  # the kernel's compute dtype C = promote(state, P)
-    if acc is not None and (acc.dtype != c or not acc.is_contiguous()):
-        # exact widening (as the reference), then a real copy: .to(memory_format=...) returns
-        # an expanded (stride-0) tensor unchanged, since its suggested format is "contiguous"
-        acc = acc.to(c).contiguous()
-    if out is None:
-        out = torch.empty(x.shape, dtype=c, device=x.device)
-    acc_out = torch.empty(x.shape, dtype=c, device=x.device) if write_acc else None
-    launch = (torch.ops.flowmatch_fast.cuda_stage_step if torch.compiler.is_compiling()
-              else launch_stage)
-    launch(x, k, k_uncond, acc, grid.values, i, float(coef), float(acc_weight), bool(from_acc),
-           out, acc_out, traj, float(guidance_weight), bool(mix))
-    return out, acc_out
 
 
 def _prepare(x, v, v_uncond, values, i, out, traj, *buffers):
@@ -195,3 +134,6 @@ def launch_stage(x: torch.Tensor, k: torch.Tensor, k_uncond: Optional[torch.Tens
     )  # fmt: skip
     if copy_traj:
         traj.copy_(out[:x.shape[0]])
+
+
+euler_step, stage_step = fused_steps("cuda", launch_euler, launch_stage)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..contract import KERNEL_STATE_DTYPES, TimeGrid, kernel_supports, result_dtype, stage_dtype
+from ..contract import KERNEL_STATE_DTYPES, fused_steps, kernel_supports
 
 _MAX_DIMS = 6
 # 1024 elements per program and 4 warps: 8 fp32 per thread, two 128-bit accesses per operand.
@@ -161,29 +161,6 @@ def _launch_config(x, v, grid_values, step, out, traj, v_uncond, guidance_weight
     return grid, args, meta
 
 
-def euler_step(
-    x: torch.Tensor,
-    v: torch.Tensor,
-    grid: TimeGrid,
-    i: int,
-    out: Optional[torch.Tensor] = None,
-    traj: Optional[torch.Tensor] = None,
-    v_uncond: Optional[torch.Tensor] = None,
-    guidance_weight: float = 1.0,
-    mix: bool = False,
-) -> torch.Tensor:
-    if out is None:
-        out = torch.empty(x.shape, dtype=result_dtype(x.dtype, v), device=x.device)
-    if v.shape != x.shape:
-        v = v.expand(x.shape)
-        if v_uncond is not None:
-            v_uncond = v_uncond.expand(x.shape)
-    launch = (torch.ops.flowmatch_fast.triton_euler_step if torch.compiler.is_compiling()
-              else launch_euler)
-    launch(x, v, v_uncond, grid.values, i, out, traj, float(guidance_weight), bool(mix))
-    return out
-
-
 def _stage_config(x, k, grid_values, step, coef, acc, acc_weight, write_acc, from_acc, out,
                   acc_out, traj, k_uncond, guidance_weight, mix):
     """(launch grid, args, meta) of one stage launch; ``k`` already expanded to ``x``'s shape."""
@@ -197,42 +174,6 @@ def _stage_config(x, k, grid_values, step, coef, acc, acc_weight, write_acc, fro
                 ACC_W2=acc_weight == 2.0, WRITE_ACC=acc_out is not None, FROM_ACC=from_acc,
                 COEF_ONE=coef == 1.0)
     return grid, args, meta
-
-
-def stage_step(
-    x: torch.Tensor,
-    k: torch.Tensor,
-    grid: TimeGrid,
-    i: int,
-    coef: float,
-    acc: Optional[torch.Tensor] = None,
-    acc_weight: float = 1.0,
-    write_acc: bool = False,
-    from_acc: bool = False,
-    out: Optional[torch.Tensor] = None,
-    traj: Optional[torch.Tensor] = None,
-    k_uncond: Optional[torch.Tensor] = None,
-    guidance_weight: float = 1.0,
-    mix: bool = False,
-):
-    """One fused Runge-Kutta stage: the contract and arithmetic of ``reference.stage_step``."""
-    if acc_weight not in (1.0, 2.0):
-        raise ValueError(f"acc_weight must be 1 or 2 (the RK weights), got {acc_weight}")
-    c = stage_dtype(x.dtype, k, acc)
-    if out is None:
-        out = torch.empty(x.shape, dtype=c, device=x.device)
-    acc_out = torch.empty(x.shape, dtype=c, device=x.device) if write_acc else None
-    if acc is not None and (acc.dtype != c or not acc.is_contiguous()):
-        acc = acc.to(c).contiguous()
-    if k.shape != x.shape:
-        k = k.expand(x.shape)
-        if k_uncond is not None:
-            k_uncond = k_uncond.expand(x.shape)
-    launch = (torch.ops.flowmatch_fast.triton_stage_step if torch.compiler.is_compiling()
-              else launch_stage)
-    launch(x, k, k_uncond, acc, grid.values, i, float(coef), float(acc_weight), bool(from_acc),
-           out, acc_out, traj, float(guidance_weight), bool(mix))
-    return out, acc_out
 
 
 def launch_euler(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
@@ -255,3 +196,6 @@ def launch_stage(x: torch.Tensor, k: torch.Tensor, k_uncond: Optional[torch.Tens
         _launch(_kernels()[1], x, _stage_config(x, k, grid_values, step, coef, acc, acc_weight,
                                                 acc_out is not None, from_acc, out, acc_out, traj,
                                                 k_uncond, guidance_weight, mix))
+
+
+euler_step, stage_step = fused_steps("triton", launch_euler, launch_stage)
