@@ -9,7 +9,7 @@ Under ``torch.compile`` the launches go through the ops of :mod:`flowmatch_fast.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -55,9 +55,24 @@ def _target(x: torch.Tensor):
     return device, 0
 
 
-def _prepare(x, v, v_uncond, values, i, out, traj, *buffers):
-    """The host checks of one launch, and its arguments: ``(ext, state code, field code, v,
-    v_uncond, doubled, traj args, device, stream)``, or ``None`` when there is nothing to write."""
+class _Launch(NamedTuple):
+    """What :func:`_prepare` resolved for one launch."""
+
+    ext: object
+    state_code: int
+    field_code: int
+    mode: int
+    v: torch.Tensor  # the fields as the kernel reads them (copies alive until the launch)
+    v_uncond: Optional[torch.Tensor]
+    doubled: bool
+    traj_args: tuple  # (pointer, row length, row stride) of the slot the kernel writes, or zeros
+    copy_traj: bool  # a slot the kernel cannot write: copied from out after the launch
+    device: int
+    stream: int
+
+
+def _prepare(x, v, v_uncond, mix, values, i, out, traj, *buffers) -> Optional[_Launch]:
+    """The host checks of one launch, and its arguments; ``None`` when there is nothing to write."""
     ext = loader._ext if loader._ext is not None else loader.require()
     shape = x.shape
     if v_uncond is not None and v_uncond.stride() != v.stride():  # one indexer for both fields
@@ -86,12 +101,13 @@ def _prepare(x, v, v_uncond, values, i, out, traj, *buffers):
     if copy_traj and (traj.dtype == out.dtype and traj.shape == shape
                       and traj.get_device() == device and traj.stride()[1:] == x.stride()[1:]):
         traj_args, copy_traj = (traj.data_ptr(), n // shape[0], traj.stride(0)), False
-    return (ext, loader.STATE_CODES[x.dtype], loader.FIELD_CODES[v.dtype], v, v_uncond,
-            out.numel() == 2 * n, traj_args, copy_traj, device, stream)
+    mode = loader.MODES["field" if v_uncond is None else "mix" if mix else "cfg"]
+    return _Launch(ext, loader.STATE_CODES[x.dtype], loader.FIELD_CODES[v.dtype], mode, v,
+                   v_uncond, out.numel() == 2 * n, traj_args, copy_traj, device, stream)
 
 
-def _mode(v_uncond, mix: bool) -> int:
-    return loader.MODES["field" if v_uncond is None else "mix" if mix else "cfg"]
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def launch_euler(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
@@ -99,18 +115,15 @@ def launch_euler(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tens
                  traj: Optional[torch.Tensor], guidance_weight: float, mix: bool) -> None:
     """One Euler launch into buffers given (``v`` expanded to ``x``'s shape); the body of the
     op ``flowmatch_fast::cuda_euler_step``."""
-    args = _prepare(x, v, v_uncond, grid_values, step, out, traj)
-    if args is None:
-        return
-    ext, state_code, field_code, v, v_uncond, doubled, traj_args, copy_traj, device, stream = args
-    ext.euler_step(
-        x.data_ptr(), state_code,
-        v.data_ptr(), v_uncond.data_ptr() if v_uncond is not None else 0, field_code,
-        _mode(v_uncond, mix), out.data_ptr(), doubled, *traj_args,
-        x.shape, v.stride(), grid_values.data_ptr(), step, guidance_weight, device, stream,
-    )  # fmt: skip
-    if copy_traj:
-        traj.copy_(out[:x.shape[0]])
+    a = _prepare(x, v, v_uncond, mix, grid_values, step, out, traj)
+    if a is not None:
+        a.ext.euler_step(
+            x.data_ptr(), a.state_code, a.v.data_ptr(), _ptr(a.v_uncond), a.field_code, a.mode,
+            out.data_ptr(), a.doubled, *a.traj_args, x.shape, a.v.stride(),
+            grid_values.data_ptr(), step, guidance_weight, a.device, a.stream,
+        )  # fmt: skip
+        if a.copy_traj:
+            traj.copy_(out[:x.shape[0]])
 
 
 def launch_stage(x: torch.Tensor, k: torch.Tensor, k_uncond: Optional[torch.Tensor],
@@ -120,20 +133,16 @@ def launch_stage(x: torch.Tensor, k: torch.Tensor, k_uncond: Optional[torch.Tens
                  guidance_weight: float, mix: bool) -> None:
     """One stage launch into buffers given (``acc`` of the compute dtype, contiguous); the body
     of the op ``flowmatch_fast::cuda_stage_step``."""
-    args = _prepare(x, k, k_uncond, grid_values, step, out, traj, acc, acc_out)
-    if args is None:
-        return
-    ext, state_code, field_code, k, k_uncond, doubled, traj_args, copy_traj, device, stream = args
-    ext.stage_step(
-        x.data_ptr(), state_code,
-        k.data_ptr(), k_uncond.data_ptr() if k_uncond is not None else 0, field_code,
-        _mode(k_uncond, mix), acc.data_ptr() if acc is not None else 0,
-        out.data_ptr(), acc_out.data_ptr() if acc_out is not None else 0, doubled, *traj_args,
-        x.shape, k.stride(), grid_values.data_ptr(), step, coef, acc_weight == 2.0, from_acc,
-        guidance_weight, device, stream,
-    )  # fmt: skip
-    if copy_traj:
-        traj.copy_(out[:x.shape[0]])
+    a = _prepare(x, k, k_uncond, mix, grid_values, step, out, traj, acc, acc_out)
+    if a is not None:
+        a.ext.stage_step(
+            x.data_ptr(), a.state_code, a.v.data_ptr(), _ptr(a.v_uncond), a.field_code, a.mode,
+            _ptr(acc), out.data_ptr(), _ptr(acc_out), a.doubled, *a.traj_args,
+            x.shape, a.v.stride(), grid_values.data_ptr(), step, coef, acc_weight == 2.0,
+            from_acc, guidance_weight, a.device, a.stream,
+        )  # fmt: skip
+        if a.copy_traj:
+            traj.copy_(out[:x.shape[0]])
 
 
 euler_step, stage_step = fused_steps("cuda", launch_euler, launch_stage)
