@@ -4,7 +4,7 @@ Alpamayo 1.5 (``alpamayo1_5.diffusion.flow_matching``) has its own API: another 
 classifier-free guidance through a second field (``unguided_step_fn``, called after the guided one
 every step, ``v = (1 - w) * vu + w * vg``) and a ``temperature`` on the initial noise. This module
 is that API over the same planning, integration, kernels and graph cache as the R1 class
-(:class:`flowmatch_fast.flow_matching.Sampling`); ``../SPEC.md`` states its semantics.
+(:class:`flowmatch_fast.sampling.Sampling`); ``../SPEC.md`` states its semantics.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from . import base
 from .base import StepFn
-from .flow_matching import Options, Sampling, _check_real
+from .sampling import Options, Sampling, _check_real
 from .graph import CapturedSampler
 
 __all__ = ["BaseDiffusion", "FlowMatching", "StepFn"]
