@@ -1,7 +1,7 @@
 """Backend availability and selection: the one place where ``"auto"`` is decided.
 
-A backend is a module with ``euler_step`` (the contract in :mod:`flowmatch_fast.kernels`) and
-``unavailable_reason(device) -> str | None``. An explicit request for a backend that cannot run
+A backend is a module with the steps, ``supports`` and ``unavailable_reason(device) -> str |
+None`` of :mod:`flowmatch_fast.kernels.contract`. An explicit request for a backend that cannot run
 raises ``RuntimeError`` with the reason and the fix; only ``"auto"`` falls back, and logs once.
 """
 
