@@ -36,7 +36,7 @@ import workloads as W  # noqa: E402
 
 from flowmatch_fast import FlowMatching, backends  # noqa: E402
 from flowmatch_fast._original import original_sample  # noqa: E402
-from flowmatch_fast.kernels.reference import TimeGrid  # noqa: E402
+from flowmatch_fast.kernels.contract import TimeGrid  # noqa: E402
 from flowmatch_fast.timing import Timing, synchronize, time_interleaved  # noqa: E402
 
 ROWS: list = []

@@ -4,7 +4,7 @@
 // strides, and the stream as the integer handle of PyTorch's current stream (device HOST: the
 // host emulation, on CPU tensors). The module links only the static CUDA runtime, so one build
 // serves every torch version with a compatible driver (torch 2.11 and 2.13 alike). The Python
-// side is flowmatch_fast/kernels/cuda_euler.py; the kernels' entry points are in api.h.
+// side is flowmatch_fast/kernels/cuda/ (loader.py, launch.py); entry points: api.h.
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -244,7 +244,7 @@ py::list field_offsets(const std::vector<int64_t>& sizes, const std::vector<int6
 
 PYBIND11_MODULE(_cuda_euler, m) {
   m.doc() = "flowmatch_fast's fused Euler update and Runge-Kutta stage (CUDA, torch-free "
-            "binding; see cuda_euler.py)";
+            "binding; see flowmatch_fast/kernels/cuda/launch.py)";
   m.attr("MAX_DIMS") = kMaxDims;
   m.attr("HOST") = kHost;
   m.def("euler_step", &euler_step, py::arg("x"), py::arg("state_code"), py::arg("v"),

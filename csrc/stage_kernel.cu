@@ -3,7 +3,7 @@
 //
 // Contract: with P = double if the field is double, else float, and C = double if the state or
 // the field is double, else float (the host runs the reference instead when the accumulator
-// alone would make C double; see cuda_euler.stage_step):
+// alone would make C double; see supports() in flowmatch_fast/kernels/cuda/launch.py):
 //
 //   kk  = velocity(k[e], k_uncond[e], P(w))         in P (common.cuh; kCfg: ku + w * (kc - ku),
 //                                                   kMix: (1 - w) * ku + w * kc)

@@ -4,7 +4,7 @@ Alpamayo 1.5 (``alpamayo1_5.diffusion.flow_matching``) has its own API: another 
 classifier-free guidance through a second field (``unguided_step_fn``, called after the guided one
 every step, ``v = (1 - w) * vu + w * vg``) and a ``temperature`` on the initial noise. This module
 is that API over the same planning, integration, kernels and graph cache as the R1 class
-(:class:`flowmatch_fast.flow_matching.Sampling`); ``../SPEC.md`` states its semantics.
+(:class:`flowmatch_fast.sampling.Sampling`); ``../SPEC.md`` states its semantics.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from . import base
 from .base import StepFn
-from .flow_matching import Sampling, _check_real
+from .sampling import Options, Sampling, _check_real
 from .graph import CapturedSampler
 
 __all__ = ["BaseDiffusion", "FlowMatching", "StepFn"]
@@ -56,19 +56,23 @@ class FlowMatching(Sampling, BaseDiffusion):
         self._init_sampling(int_method, num_inference_steps, backend, cuda_graph, max_graphs)
         self.inference_guidance_weight = inference_guidance_weight
 
-    def _guidance(self, unguided_step_fn, use_classifier_free_guidance, inference_guidance_weight):
-        """(fields the plan calls, guidance plan arguments) of one call."""
+    def _options(self, unguided_step_fn, return_all_steps, inference_step, int_method,
+                 use_classifier_free_guidance, inference_guidance_weight, temperature, timesteps,
+                 shift, noise, generator):
+        """(fields the plan calls, :class:`Options`) of one ``sample`` or ``capture`` call."""
         use = (self.use_classifier_free_guidance if use_classifier_free_guidance is None
                else use_classifier_free_guidance)
-        if not use:
-            return (), dict(guidance=None)
-        if unguided_step_fn is None:
-            raise ValueError("use_classifier_free_guidance is on but no unguided_step_fn was "
-                             "given: pass the unguided field as the third argument of sample")
-        w = self.inference_guidance_weight if inference_guidance_weight is None \
-            else inference_guidance_weight
-        return (unguided_step_fn,), dict(guidance="mix",
-                                         weight=_check_real("inference_guidance_weight", w))
+        fields, guidance, weight = (), None, 1.0
+        if use:
+            if unguided_step_fn is None:
+                raise ValueError("use_classifier_free_guidance is on but no unguided_step_fn was "
+                                 "given: pass the unguided field as the third argument of sample")
+            w = (self.inference_guidance_weight if inference_guidance_weight is None
+                 else inference_guidance_weight)
+            fields, guidance = (unguided_step_fn,), "mix"
+            weight = _check_real("inference_guidance_weight", w)
+        return fields, Options(return_all_steps, inference_step, int_method, guidance, weight,
+                               temperature, timesteps, shift, noise, generator)
 
     @torch.no_grad()
     def sample(
@@ -104,12 +108,11 @@ class FlowMatching(Sampling, BaseDiffusion):
         ``int_method`` also takes ``"midpoint"``, ``"heun"``, ``"rk4"``.
         """
         base.warn_unknown_keywords("alpamayo1_5.FlowMatching.sample", kwargs)
-        extra, guidance = self._guidance(unguided_step_fn, use_classifier_free_guidance,
-                                         inference_guidance_weight)
-        return self._sample(
-            (step_fn, *extra), batch_size, device, cuda_graph, return_all_steps=return_all_steps,
-            inference_step=inference_step, int_method=int_method, temperature=temperature,
-            timesteps=timesteps, shift=shift, noise=noise, generator=generator, **guidance)
+        extra, options = self._options(
+            unguided_step_fn, return_all_steps, inference_step, int_method,
+            use_classifier_free_guidance, inference_guidance_weight, temperature, timesteps,
+            shift, noise, generator)
+        return self._sample((step_fn, *extra), batch_size, device, cuda_graph, options)
 
     @torch.no_grad()
     def capture(
@@ -136,9 +139,8 @@ class FlowMatching(Sampling, BaseDiffusion):
         Arguments as :meth:`sample`; ``sampler()`` replays it (see the R1 class's ``capture``).
         Raises ``RuntimeError`` on a non-CUDA device.
         """
-        extra, guidance = self._guidance(unguided_step_fn, use_classifier_free_guidance,
-                                         inference_guidance_weight)
-        return self._capture(
-            (step_fn, *extra), batch_size, device, warmup, return_all_steps=return_all_steps,
-            inference_step=inference_step, int_method=int_method, temperature=temperature,
-            timesteps=timesteps, shift=shift, noise=noise, generator=generator, **guidance)
+        extra, options = self._options(
+            unguided_step_fn, return_all_steps, inference_step, int_method,
+            use_classifier_free_guidance, inference_guidance_weight, temperature, timesteps,
+            shift, noise, generator)
+        return self._capture((step_fn, *extra), batch_size, device, warmup, options)

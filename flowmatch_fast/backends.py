@@ -1,7 +1,7 @@
 """Backend availability and selection: the one place where ``"auto"`` is decided.
 
-A backend is a module with ``euler_step`` (the contract in :mod:`flowmatch_fast.kernels`) and
-``unavailable_reason(device) -> str | None``. An explicit request for a backend that cannot run
+A backend is a module with the steps, ``supports`` and ``unavailable_reason(device) -> str |
+None`` of :mod:`flowmatch_fast.kernels.contract`. An explicit request for a backend that cannot run
 raises ``RuntimeError`` with the reason and the fix; only ``"auto"`` falls back, and logs once.
 """
 
@@ -13,16 +13,19 @@ from typing import Optional
 
 import torch
 
-from .kernels import cuda_euler, reference, triton_euler
+from . import ops  # noqa: F401  (registers the torch.library ops before anything traces)
+from .kernels import reference
+from .kernels.cuda import launch as cuda_launch
+from .kernels.triton import launch as triton_launch
 
 logger = logging.getLogger("flowmatch_fast")
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_VAR = "FLOWMATCH_FAST_BACKEND"
 
-# Imported eagerly (each imports its toolchain lazily; triton_euler registers its torch.library
-# ops when Triton is installed), so that torch.compile can trace a plain dict lookup.
-_MODULES = {"torch": reference, "triton": triton_euler, "cuda": cuda_euler}
+# Imported eagerly (each imports its toolchain lazily), so that torch.compile can trace a plain
+# dict lookup.
+_MODULES = {"torch": reference, "triton": triton_launch, "cuda": cuda_launch}
 # auto's order of preference on a CUDA device: the compiled kernel has the lowest launch cost
 # and runs at copy bandwidth (H200, bench/results/2026-11-28-NVIDIA-H200.md: 8.9 us host per
 # launch; 40 us for a 50 MB update, 103 % of a same-size copy). Triton's launch costs 34 us of host

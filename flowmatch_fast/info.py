@@ -51,10 +51,10 @@ def _driver() -> str:
 
 
 def _extension() -> List[str]:
-    from .kernels import cuda_euler
+    from .kernels.cuda import loader
 
     try:
-        ext = importlib.import_module(cuda_euler.EXTENSION)
+        ext = importlib.import_module(loader.EXTENSION)
     except ImportError as exc:
         return [f"not built ({exc})"]
     return [f"{ext.__file__}", ext.build_info()]

@@ -1,19 +1,23 @@
 """The integration loops: plain Euler (the drop-in path) and guided / higher-order methods.
 
-Each method is a table of stages; each stage is one field call and one fused update launch
-(``euler_step`` or ``stage_step`` of the backend). Every state handed to ``step_fn`` is a fresh
-contiguous buffer that is never written again.
+Each method is a table of stages (:data:`METHODS`); each stage is one field call and one update
+(``euler_step`` or ``stage_step``). :func:`choose` is the one place that falls back from a
+backend's fused step to the reference, on the backend's own ``supports(...)``. Every state
+handed to ``step_fn`` is a fresh contiguous buffer that is never written again.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
+from . import ops
 from .kernels import reference
-from .kernels.reference import (TimeGrid, kernel_readable, kernel_supports, result_dtype,
-                                stage_dtype)
+from .kernels.contract import (METHODS, NO_GUIDANCE, Guidance, Stage, TimeGrid, kernel_readable,
+                               result_dtype, stage_dtype)
+
+__all__ = ["METHODS", "Stage", "Trajectory", "choose", "euler_step", "stage_step", "integrate"]
 
 
 def check_field(v, x: torch.Tensor) -> torch.Tensor:
@@ -91,70 +95,63 @@ def euler_loop(x, grid: TimeGrid, step_fn, backend, trajectory: Optional[Traject
     """
     t_views = grid.t_views
     fused = backend.euler_step
+    supports = backend.supports
     plain = reference.euler_step
-    has_kernel = fused is not plain
+    has_kernel = fuses(backend)
     for i in range(grid.steps):
         v = step_fn(x=x, t=t_views[i])
         if type(v) is not torch.Tensor or v.shape != x.shape or v.device != x.device:
             check_field(v, x)
         slot = None if trajectory is None else trajectory.slot(i + 1, result_dtype(x.dtype, v))
-        if has_kernel and kernel_supports(x, v):
+        if has_kernel and supports(x, v, None, None, False, None, slot):  # choose(), inlined
             x = fused(x, kernel_readable(v), grid, i, None, slot)
         else:
             x = plain(x, v, grid, i, None, slot)
     return x
 
 
-class Stage(NamedTuple):
-    """One stage: field time, ``x_out = x + (dt * coef) * (acc if from_acc else k)``."""
-
-    time: str  # "start" (t_i), "half" (t_i + dt/2), "next" (t_{i+1})
-    coef: float
-    acc_weight: float = 1.0  # acc <- acc + acc_weight * k
-    write_acc: bool = False
-    from_acc: bool = False
-    uses_acc: bool = False
+def fuses(backend) -> bool:
+    """Whether ``backend`` has fused steps to offer here: not the reference, and under
+    torch.compile only when its ops are registered (else the reference ops are traced)."""
+    return backend is not reference and (ops.REGISTERED or not torch.compiler.is_compiling())
 
 
-# Butcher tableaux as stage programs. Orders: euler 1, midpoint 2, heun 2, rk4 4
-# (tests/test_methods.py fits the slopes).
-METHODS = {
-    "euler": (Stage("start", 1.0),),
-    "midpoint": (Stage("start", 0.5), Stage("half", 1.0)),
-    "heun": (Stage("start", 1.0, write_acc=True),
-             Stage("next", 0.5, from_acc=True, uses_acc=True)),
-    "rk4": (Stage("start", 0.5, write_acc=True),
-            Stage("half", 0.5, acc_weight=2.0, write_acc=True, uses_acc=True),
-            Stage("half", 1.0, acc_weight=2.0, write_acc=True, uses_acc=True),
-            Stage("next", 1.0 / 6.0, from_acc=True, uses_acc=True)),
-}
+def choose(backend, x, v, acc=None, v_uncond=None, mix=False, out=None, traj=None):
+    """The one fallback decision: ``(step module, v, v_uncond)`` for one update.
 
-
-def fused_ok(backend, x, k, acc=None, k_uncond=None, mix=False) -> bool:
-    """The one decision between the backend's fused step and the reference step.
-
-    Alpamayo 1.5's mix ``(1 - w) * vu + w * vg`` is fused only by a backend that says so
-    (``FUSES_MIX_GUIDANCE``: Triton and the CUDA extension) and only for two strided fields
-    of one dtype (mixed dtypes round each product in its own dtype: the reference computes
-    those; a sparse unguided field gets PyTorch's own error there, as in the original).
+    The backend's fused step where its ``supports(...)`` takes the call (the fields made
+    readable as raw strided memory), else the reference step, which computes everything the
+    kernels leave out (e.g. Alpamayo 1.5's mix of fields of two dtypes) in plain torch.
     """
-    if mix and not (getattr(backend, "FUSES_MIX_GUIDANCE", False) and k_uncond.dtype == k.dtype
-                    and k_uncond.layout == torch.strided):
-        return False
-    return kernel_supports(x, k) and (acc is None or acc.dtype in (torch.float32, torch.float64))
+    if fuses(backend) and backend.supports(x, v, acc, v_uncond, mix, out, traj):
+        return backend, kernel_readable(v), None if v_uncond is None else kernel_readable(v_uncond)
+    return reference, v, v_uncond
+
+
+def euler_step(backend, x, v, grid: TimeGrid, i, out=None, traj=None, v_uncond=None,
+               guidance: Guidance = NO_GUIDANCE):
+    """One Euler update through :func:`choose` (arguments as the contract's ``euler_step``)."""
+    step, v, v_uncond = choose(backend, x, v, None, v_uncond, guidance.mix, out, traj)
+    return step.euler_step(x, v, grid, i, out, traj, v_uncond, guidance)
+
+
+def stage_step(backend, x, k, grid: TimeGrid, i, stage: Stage, acc=None, out=None, traj=None,
+               k_uncond=None, guidance: Guidance = NO_GUIDANCE):
+    """One Runge-Kutta stage through :func:`choose`; returns ``(x_out, acc_out or None)``."""
+    step, k, k_uncond = choose(backend, x, k, acc, k_uncond, guidance.mix, out, traj)
+    return step.stage_step(x, k, grid, i, stage, acc, out, traj, k_uncond, guidance)
 
 
 def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
-              guided: bool = False, weight: float = 1.0, unguided_fn=None):
-    """Any method, optionally with classifier-free guidance. Returns the last state ``[B, ...]``.
+              guidance: Guidance = NO_GUIDANCE, unguided_fn=None):
+    """Any method, with the velocity of :class:`Guidance`. Returns the last state ``[B, ...]``.
 
-    ``guided`` (our R1 extra): the field sees the doubled batch ``[x; x]`` (rows ``:B``
-    conditional, ``B:`` unconditional) and the velocity is ``vu + w * (vc - vu)``; with
-    ``w == 1`` it is ``vc`` itself, so the result is bitwise that of plain sampling with the
-    conditional field. ``unguided_fn`` (Alpamayo 1.5): ``vg = step_fn(x, t)`` first, then
-    ``vu = unguided_fn(x, t)``, and the velocity is ``(1 - w) * vu + w * vg``.
+    ``"batch"``: the field sees the doubled batch ``[x; x]``; with ``w == 1`` the velocity is
+    ``vc`` itself, so the result is bitwise that of plain sampling with the conditional field.
+    ``"mix"``: ``vg = step_fn(x, t)`` first, then ``vu = unguided_fn(x, t)``.
     """
-    mix = unguided_fn is not None
+    mix = guidance.mode == "mix"
+    guided = guidance.mode == "batch"
     if method == "euler" and not guided and not mix:
         return euler_loop(x, grid, step_fn, backend, trajectory)
     stages = METHODS[method]
@@ -177,28 +174,21 @@ def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
                 if v.shape != xs.shape:
                     v = v.expand(xs.shape)
                 v, vu = v[:rows], v[rows:]
-                if weight == 1.0:
+                if guidance.weight == 1.0:
                     vu = None
             acc_in = acc if st.uses_acc else None
-            fused = fused_ok(backend, x, v, acc_in, vu, mix)
-            if mix and not fused:  # the reference mix, then the plain step (fused if it can be)
-                v, vu = reference.mixed_velocity(v, vu, weight), None
-                fused = fused_ok(backend, x, v, acc_in)
-            dtype = (result_dtype(x.dtype, v) if method == "euler"
-                     else stage_dtype(x.dtype, v, acc_in))
+            if mix and vu.dtype != v.dtype:  # the update's dtype follows the mixed velocity's
+                like = torch.empty((1,) * min(v.dim(), 1), dtype=torch.promote_types(v.dtype, vu.dtype))
+            else:
+                like = v
+            dtype = (result_dtype(x.dtype, like) if method == "euler"
+                     else stage_dtype(x.dtype, like, acc_in))
             out = torch.empty((2 * rows, *x.shape[1:]), dtype=dtype, device=x.device) if guided else None
             slot = trajectory.slot(i + 1, dtype) if trajectory is not None and j == last else None
-            mix_kw = {"mix": True} if vu is not None and mix else {}  # only fusing backends take it
-            if fused:
-                v = kernel_readable(v)
-                vu = None if vu is None else kernel_readable(vu)
             if method == "euler":
-                step = backend.euler_step if fused else reference.euler_step
-                xs = step(x, v, grid, i, out, slot, vu, weight, **mix_kw)
+                xs = euler_step(backend, x, v, grid, i, out, slot, vu, guidance)
             else:
-                step = backend.stage_step if fused else reference.stage_step
-                xs, acc = step(x, v, grid, i, st.coef, acc_in, st.acc_weight, st.write_acc,
-                               st.from_acc, out, slot, vu, weight, **mix_kw)
+                xs, acc = stage_step(backend, x, v, grid, i, st, acc_in, out, slot, vu, guidance)
         x_in = xs
         x = xs[:rows] if guided else xs
     return x

@@ -4,9 +4,9 @@ import importlib
 
 import pytest
 
-from flowmatch_fast.kernels import cuda_euler
+from flowmatch_fast.kernels.cuda import loader as cuda_loader
 
-EXT = cuda_euler.EXTENSION
+EXT = cuda_loader.EXTENSION
 
 
 def ext_or_skip():
@@ -21,7 +21,7 @@ def emulated(monkeypatch):
     """The extension, with FLOWMATCH_FAST_CUDA_EMULATE=1 set for the test (CPU tensors run the
     kernels' code on the host) and the skew hooks back at 0 afterwards."""
     ext = ext_or_skip()
-    monkeypatch.setenv(cuda_euler.EMULATE_ENV, "1")
+    monkeypatch.setenv(cuda_loader.EMULATE_ENV, "1")
     yield ext
     ext.set_host_result_skew(0)
     ext.set_host_mix_skew(0)

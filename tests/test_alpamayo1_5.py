@@ -20,9 +20,11 @@ from flowmatch_fast import alpamayo1_5, alpamayo_r1, backends
 from flowmatch_fast import FlowMatching as R1FlowMatching
 from flowmatch_fast.alpamayo1_5 import BaseDiffusion, FlowMatching
 from flowmatch_fast.graph import GraphCache, field_key
-from flowmatch_fast.integrators import METHODS, fused_ok
-from flowmatch_fast.kernels import cuda_euler, reference, triton_euler
-from flowmatch_fast.kernels.reference import TimeGrid
+from flowmatch_fast.integrators import METHODS, choose
+from flowmatch_fast.kernels import reference
+from flowmatch_fast.kernels.cuda import launch as cuda_euler
+from flowmatch_fast.kernels.triton import launch as triton_euler
+from flowmatch_fast.kernels.contract import Guidance, TimeGrid
 from bitwise import assert_bitwise
 from cuda_ext import emulated  # noqa: F401  (the host-emulation fixture)
 from fields import FIELD_DTYPES, LAYOUTS, make_field, make_velocity, smooth
@@ -298,8 +300,6 @@ def test_fused_mix_matches_the_expression(target, case_rng):
     """Every backend that fuses the mix: one launch equals ``x + dt * ((1 - w) * vu + w * vg)``
     (as PyTorch evaluates it), every state x field dtype, layouts, inf/NaN, the trajectory slot."""
     backend, device = target
-    if not getattr(backend, "FUSES_MIX_GUIDANCE", False):
-        pytest.skip(f"{backend.__name__} does not fuse the 1.5 mix yet (it takes the reference)")
     gen = torch.Generator().manual_seed(case_rng.randrange(2**31))
     grid = TimeGrid(torch.linspace(0, 1, 6, device=device), 1, 3)
     for state, field, layout, w in itertools.product(
@@ -314,7 +314,8 @@ def test_fused_mix_matches_the_expression(target, case_rng):
         i = case_rng.randrange(5)
         expect = x + grid.dt_views[i] * ((1 - w) * vu + w * vg)
         traj = torch.full((shape[0], 6, *shape[1:]), 7.0, dtype=expect.dtype, device=device)
-        out = backend.euler_step(x, vg, grid, i, None, traj[:, i + 1], vu, w, mix=True)
+        assert backend.supports(x, vg, None, vu, True, None, traj[:, i + 1])
+        out = backend.euler_step(x, vg, grid, i, None, traj[:, i + 1], vu, Guidance("mix", w))
         what = f"{state} {field} {layout} w={w} shape={shape} i={i}"
         _assert_same(out, expect, what)
         _assert_same(traj[:, i + 1], expect, what + " traj")
@@ -325,13 +326,13 @@ def test_one_place_decides_fused_or_reference():
     x = torch.zeros(2, 3)
     bf, f32 = torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(2, 3)
     for backend in (triton_euler, cuda_euler):
-        assert backend.FUSES_MIX_GUIDANCE
-        assert fused_ok(backend, x, bf, None, bf, mix=True)
-        assert not fused_ok(backend, x, bf, None, f32, mix=True)  # mixed dtypes: reference
-        assert fused_ok(backend, x, bf, None, bf, mix=False)
-    unfused = types.SimpleNamespace()  # a backend module without FUSES_MIX_GUIDANCE
-    assert not fused_ok(unfused, x, bf, None, bf, mix=True)
-    assert fused_ok(unfused, x, bf, None, bf, mix=False)
+        assert choose(backend, x, bf, None, bf, mix=True)[0] is backend
+        assert choose(backend, x, bf, None, f32, mix=True)[0] is reference  # mixed dtypes
+        assert choose(backend, x, bf, None, bf, mix=False)[0] is backend
+    # a backend whose supports() refuses the mix
+    unfused = types.SimpleNamespace(supports=lambda x, v, acc, vu, mix, out, traj: not mix)
+    assert choose(unfused, x, bf, None, bf, mix=True)[0] is reference
+    assert choose(unfused, x, bf, None, bf, mix=False)[0] is unfused
 
 
 def test_triton_runs_one_fused_launch_per_guided_step(monkeypatch, case_rng):

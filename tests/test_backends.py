@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from flowmatch_fast import backends
-from flowmatch_fast.kernels import cuda_euler, reference, triton_euler
+from flowmatch_fast.kernels import reference
+from flowmatch_fast.kernels.cuda import launch as cuda_euler
+from flowmatch_fast.kernels.triton import launch as triton_euler
 
 CUDA = torch.device("cuda")
 

@@ -1,7 +1,7 @@
 """``torch.compile(fullgraph=True)`` of a function that calls ``sample`` traces through it.
 
-The fused kernels, Triton and CUDA alike, are ``torch.library.custom_op``s with fake
-implementations (opaque to the trace), and backend resolution is a trace-time constant. On CPU the compiled graph
+The fused kernels' launches are ``torch.library.custom_op``s with fakes (flowmatch_fast/ops.py),
+and backend resolution is a trace-time constant. On CPU the compiled graph
 runs with the ``eager`` compile backend (Inductor cannot call a Triton kernel on CPU tensors); on
 a GPU with Inductor itself.
 """

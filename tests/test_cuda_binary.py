@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from cuda_ext import EXT, ext_or_skip
-from flowmatch_fast.kernels import cuda_euler
+from flowmatch_fast.kernels.cuda import launch as cuda_euler
+from flowmatch_fast.kernels.cuda import loader as cuda_loader
 
 SKIP_BUILD = os.environ.get("FLOWMATCH_FAST_SKIP_CUDA_BUILD", "").strip().lower() in (
     "1", "true", "yes", "on")
@@ -168,9 +169,9 @@ def test_host_code_has_no_fused_multiply_add():
 
 
 def test_runs_on_rules():
-    assert cuda_euler._runs_on("sm_90", 90)
-    assert not cuda_euler._runs_on("sm_90", 100)
-    assert cuda_euler._runs_on("sm_80", 86) and not cuda_euler._runs_on("sm_86", 80)
-    assert cuda_euler._runs_on("compute_90", 120) and not cuda_euler._runs_on("compute_90", 89)
-    assert cuda_euler._runs_on("sm_90a", 90) and not cuda_euler._runs_on("sm_90a", 100)
+    assert cuda_loader.runs_on("sm_90", 90)
+    assert not cuda_loader.runs_on("sm_90", 100)
+    assert cuda_loader.runs_on("sm_80", 86) and not cuda_loader.runs_on("sm_86", 80)
+    assert cuda_loader.runs_on("compute_90", 120) and not cuda_loader.runs_on("compute_90", 89)
+    assert cuda_loader.runs_on("sm_90a", 90) and not cuda_loader.runs_on("sm_90a", 100)
 

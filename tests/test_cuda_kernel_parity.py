@@ -8,6 +8,7 @@ elements, and torch.compile.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import zlib
 
@@ -17,10 +18,13 @@ import torch
 from cuda_ext import ext_or_skip
 from fields import FIELD_DTYPES, TENSOR_LAYOUTS, make_velocity
 from flowmatch_fast import FlowMatching, alpamayo1_5
+from flowmatch_fast import integrators
 from flowmatch_fast.graph import capture_callable
 from flowmatch_fast.integrators import METHODS
-from flowmatch_fast.kernels import cuda_euler, reference
-from flowmatch_fast.kernels.reference import TimeGrid, result_dtype, stage_dtype
+from flowmatch_fast.kernels import reference
+from flowmatch_fast.kernels.cuda import launch as cuda_euler
+from flowmatch_fast.kernels.cuda import loader as cuda_loader
+from flowmatch_fast.kernels.contract import Guidance, TimeGrid, result_dtype, stage_dtype
 
 STATE_DTYPES = (torch.float32, torch.float64)
 SENTINEL = 1234.5
@@ -45,13 +49,22 @@ def _grid(steps, batch, ndim, device, seed=0):
     return TimeGrid(values, batch, ndim)
 
 
+# The CUDA steps where their ``supports`` takes the call, else the reference (as sampling does).
+_cuda_or_reference_euler = functools.partial(integrators.euler_step, cuda_euler)
+_cuda_or_reference_stage = functools.partial(integrators.stage_step, cuda_euler)
+
+
+def _as_guidance(w, mix):
+    return Guidance("mix" if mix else "batch", w)
+
+
 def _both(x, v, grid, i, *, traj=False, doubled=False, vu=None, w=1.0, mix=False,
           misaligned_out=False, out_none=False):
     """Run the reference and the CUDA kernel on identical fresh buffers; return both results."""
     dtype = result_dtype(x.dtype, v)
     rows = x.shape[0]
     results = []
-    for step in (reference.euler_step, cuda_euler.euler_step):
+    for step in (reference.euler_step, _cuda_or_reference_euler):
         shape = (2 * rows if doubled else rows, *x.shape[1:])
         if out_none:
             out = None
@@ -64,7 +77,8 @@ def _both(x, v, grid, i, *, traj=False, doubled=False, vu=None, w=1.0, mix=False
         if traj:
             states = torch.full((rows, grid.steps + 1, *x.shape[1:]), SENTINEL, dtype=dtype,
                                 device=x.device)
-        res = step(x, v, grid, i, out, states[:, i + 1] if traj else None, vu, w, mix=mix)
+        res = step(x, v, grid, i, out, states[:, i + 1] if traj else None, vu,
+                   _as_guidance(w, mix))
         results.append((res, states))
     _sync(x.device)
     return results
@@ -272,7 +286,7 @@ def _stage_both(x, k, grid, i, st, *, acc=None, ku=None, w=1.0, mix=False, doubl
     rows = x.shape[0]
     inputs = [t.clone() for t in (x, k, acc, ku) if t is not None]
     results = []
-    for step in (reference.stage_step, cuda_euler.stage_step):
+    for step in (reference.stage_step, _cuda_or_reference_stage):
         out = None
         if not out_none:
             out = _nan_buffer(((2 if doubled else 1) * rows, *x.shape[1:]), c, x.device,
@@ -280,9 +294,8 @@ def _stage_both(x, k, grid, i, st, *, acc=None, ku=None, w=1.0, mix=False, doubl
         states = None
         if traj:
             states = _nan_buffer((rows, grid.steps + 1, *x.shape[1:]), c, x.device)
-        new, acc_out = step(x, k, grid, i, st.coef, acc, st.acc_weight, st.write_acc,
-                            st.from_acc, out, states[:, i + 1] if traj else None, ku, w,
-                            mix=mix)
+        new, acc_out = step(x, k, grid, i, st, acc, out, states[:, i + 1] if traj else None, ku,
+                            _as_guidance(w, mix))
         results.append((new, acc_out, states))
     _sync(x.device)
     after = [t for t in (x, k, acc, ku) if t is not None]
@@ -380,10 +393,8 @@ def test_stage_fallbacks_give_the_same_bits(kdev):
     _assert_same_stage(_stage_both(x, k, grid, 1, st, acc=acc_b.contiguous(), ku=ku, w=2.0,
                                    doubled=True), 1, "mixed field dtypes")
     out = torch.empty(shape, device=kdev, dtype=torch.float64)
-    new, acc_out = cuda_euler.stage_step(x, k, grid, 1, st.coef, acc_b.contiguous(), 2.0, True,
-                                         False, out)
-    ref, ref_acc = reference.stage_step(x, k, grid, 1, st.coef, acc_b.contiguous(), 2.0, True,
-                                        False, torch.empty_like(out))
+    new, acc_out = _cuda_or_reference_stage(x, k, grid, 1, st, acc_b.contiguous(), out)
+    ref, ref_acc = reference.stage_step(x, k, grid, 1, st, acc_b.contiguous(), torch.empty_like(out))
     assert new is out and torch.equal(new, ref) and torch.equal(acc_out, ref_acc)
 
 
@@ -397,15 +408,13 @@ def test_stage_graph_capture_reads_dt_on_the_device(cuda):
     acc = torch.randn(shape, generator=gen).to(cuda)
     grid = _grid(4, 6, 3, cuda)
     out = torch.empty(shape, device=cuda)
-    graph, _ = capture_callable(
-        lambda: cuda_euler.stage_step(x, k, grid, 2, st.coef, acc, 1.0, False, True, out), cuda,
-        warmup=1)
+    graph, _ = capture_callable(lambda: cuda_euler.stage_step(x, k, grid, 2, st, acc, out), cuda,
+                                warmup=1)
     for seed in (1, 2):
         grid.values.copy_(_grid(4, 6, 3, cuda, seed=seed).values)
         graph.replay()
         torch.cuda.synchronize()
-        want, _ = reference.stage_step(x, k, TimeGrid(grid.values, 6, 3), 2, st.coef, acc, 1.0,
-                                       False, True)
+        want, _ = reference.stage_step(x, k, TimeGrid(grid.values, 6, 3), 2, st, acc)
         assert torch.equal(out, want)
 
 
@@ -493,12 +502,11 @@ def test_emulation_matches_the_device(cuda, monkeypatch, layout):
                 return None if t is None else _same_layout(t, device)
 
             xd, vd, vud, accd = move(x), move(v), move(vu), move(acc)
-            got = [cuda_euler.euler_step(xd, vd, grid, 2, None, None, vud, w, mix=mix)]
+            got = [cuda_euler.euler_step(xd, vd, grid, 2, None, None, vud, _as_guidance(w, mix))]
             for st in STAGES:
                 a = accd if st.uses_acc else None
-                got += [t for t in cuda_euler.stage_step(xd, vd, grid, 2, st.coef, a, st.acc_weight,
-                                                         st.write_acc, st.from_acc, None, None,
-                                                         vud, w, mix=mix) if t is not None]
+                got += [t for t in cuda_euler.stage_step(xd, vd, grid, 2, st, a, None, None, vud,
+                                                         _as_guidance(w, mix)) if t is not None]
             return [t.cpu() for t in got]
 
         for a, b in zip(on("cpu", grid_cpu), on(cuda, grid_gpu)):

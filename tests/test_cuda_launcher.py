@@ -20,8 +20,11 @@ from fields import smooth
 from flowmatch_fast import FlowMatching, alpamayo1_5
 from flowmatch_fast.graph import capture_callable
 from flowmatch_fast.integrators import METHODS
-from flowmatch_fast.kernels import cuda_euler, reference
-from flowmatch_fast.kernels.reference import TimeGrid
+from flowmatch_fast import ops
+from flowmatch_fast.kernels import reference
+from flowmatch_fast.kernels.cuda import launch as cuda_euler
+from flowmatch_fast.kernels.cuda import loader as cuda_loader
+from flowmatch_fast.kernels.contract import Guidance, Stage, TimeGrid
 from oracle import spec_sample
 
 # ------------------------------------------------------------------ host-side index math
@@ -105,15 +108,17 @@ def test_stage_binding_checks_its_arguments_before_any_cuda_call():
 
 def test_custom_ops_are_registered_with_their_mutations():
     """torch.compile records the launches as these ops; they write only their output buffers."""
-    assert cuda_euler._OPS_REGISTERED
+    assert ops.REGISTERED
     euler = str(torch.ops.flowmatch_fast.cuda_euler_step.default._schema)
     stage = str(torch.ops.flowmatch_fast.cuda_stage_step.default._schema)
 
-    def mutated(schema):  # the arguments annotated Tensor(a!) or Tensor(a!)?
-        return set(re.findall(r"Tensor\(\w+!\)\?? (\w+)", schema))
+    def mutated(op):  # the arguments the schema marks as written (Tensor(a!))
+        schema = op.default._schema
+        return {a.name for a in schema.arguments
+                if a.alias_info is not None and a.alias_info.is_write}
 
-    assert mutated(euler) == {"out", "traj"}, euler
-    assert mutated(stage) == {"out", "acc_out", "traj"}, stage
+    assert mutated(torch.ops.flowmatch_fast.cuda_euler_step) == {"out", "traj"}, euler
+    assert mutated(torch.ops.flowmatch_fast.cuda_stage_step) == {"out", "acc_out", "traj"}, stage
     assert euler.endswith("-> ()") and stage.endswith("-> ()")
 
 
@@ -188,7 +193,7 @@ def _traced_graph(monkeypatch, run):
 def test_without_the_ops_compile_traces_the_reference(monkeypatch):
     """A torch that rejected the registration: compiled code falls back to the reference ops."""
     monkeypatch.setattr(cuda_euler, "unavailable_reason", lambda device: None)
-    monkeypatch.setattr(cuda_euler, "_OPS_REGISTERED", False)
+    monkeypatch.setattr(ops, "REGISTERED", False)
     graphs = []
 
     def record(gm, example_inputs):
@@ -208,13 +213,13 @@ def test_availability_check_is_a_constant_under_compile(monkeypatch):
     into the extension, which Dynamo cannot trace, so it runs at trace time as a constant."""
     from flowmatch_fast import backends
 
-    monkeypatch.setattr(cuda_euler, "_runtime_checked", False)
-    monkeypatch.setattr(cuda_euler, "_runtime_error", None)
-    monkeypatch.setattr(cuda_euler, "_arch_reasons", {})
+    monkeypatch.setattr(cuda_loader, "_runtime_checked", False)
+    monkeypatch.setattr(cuda_loader, "_runtime_error", None)
+    monkeypatch.setattr(cuda_loader, "_arch_reasons", {})
     expected = backends.unavailable_reason("cuda", torch.device("cuda"))
-    monkeypatch.setattr(cuda_euler, "_runtime_checked", False)
-    monkeypatch.setattr(cuda_euler, "_runtime_error", None)
-    monkeypatch.setattr(cuda_euler, "_arch_reasons", {})
+    monkeypatch.setattr(cuda_loader, "_runtime_checked", False)
+    monkeypatch.setattr(cuda_loader, "_runtime_error", None)
+    monkeypatch.setattr(cuda_loader, "_arch_reasons", {})
 
     def probe(x):
         reason = backends.unavailable_reason("cuda", torch.device("cuda"))
@@ -228,8 +233,8 @@ def test_availability_check_is_a_constant_under_compile(monkeypatch):
 def test_stage_step_rejects_other_acc_weights():
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="acc_weight must be 1 or 2"):
-        cuda_euler.stage_step(x, x, TimeGrid(torch.linspace(0, 1, 3), 2, 2), 0, 0.5, x,
-                              acc_weight=3.0)
+        cuda_euler.stage_step(x, x, TimeGrid(torch.linspace(0, 1, 3), 2, 2), 0,
+                              Stage("start", 0.5, acc_weight=3.0), x)
 
 
 # ----------------------------------------------------------------------- without a GPU
@@ -243,15 +248,15 @@ def test_cuda_backend_on_cpu_says_what_is_wrong(monkeypatch):
 
 
 def test_unbuilt_extension_reason_names_the_fix(monkeypatch):
-    monkeypatch.setattr(cuda_euler, "_ext", None)
-    monkeypatch.setattr(cuda_euler, "_import_error", ImportError("No module named 'x'"))
+    monkeypatch.setattr(cuda_loader, "_ext", None)
+    monkeypatch.setattr(cuda_loader, "_import_error", ImportError("No module named 'x'"))
     reason = cuda_euler.unavailable_reason(torch.device("cuda"))
     assert EXT in reason and "not built" in reason and "pip install" in reason
     grid = TimeGrid(torch.linspace(0, 1, 3), 2, 2)
     with pytest.raises(RuntimeError, match="not built"):
         cuda_euler.euler_step(torch.zeros(2, 3), torch.zeros(2, 3), grid, 0)
     with pytest.raises(RuntimeError, match="not built"):
-        cuda_euler.stage_step(torch.zeros(2, 3), torch.zeros(2, 3), grid, 0, 0.5)
+        cuda_euler.stage_step(torch.zeros(2, 3), torch.zeros(2, 3), grid, 0, Stage("start", 0.5))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without GPU")
@@ -264,8 +269,8 @@ def test_without_gpu_the_extension_raises_clear_errors(monkeypatch):
         assert re.search(r"cuda\w*Error\w*: ", str(exc)), exc  # CUDA's error name and message
     else:
         assert count == 0
-    monkeypatch.setattr(cuda_euler, "_runtime_checked", False)
-    monkeypatch.setattr(cuda_euler, "_runtime_error", None)
+    monkeypatch.setattr(cuda_loader, "_runtime_checked", False)
+    monkeypatch.setattr(cuda_loader, "_runtime_error", None)
     reason = cuda_euler.unavailable_reason(torch.device("cuda"))
     assert reason is not None and ("cudaGetDeviceCount" in reason or "no GPU" in reason)
     x = torch.zeros(2, 3)
@@ -273,7 +278,7 @@ def test_without_gpu_the_extension_raises_clear_errors(monkeypatch):
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         cuda_euler.euler_step(x, x, grid, 0)
     with pytest.raises(RuntimeError, match="CUDA tensors"):
-        cuda_euler.stage_step(x, x, grid, 0, 0.5, x, 2.0, True)
+        cuda_euler.stage_step(x, x, grid, 0, Stage("start", 0.5, 2.0, True), x)
 
 
 # ---------------------------------------------------------------- the host emulation's switch
@@ -281,8 +286,8 @@ def test_emulation_is_off_without_the_variable(monkeypatch):
     """Without FLOWMATCH_FAST_CUDA_EMULATE, CPU tensors never reach the extension."""
     monkeypatch.delenv(cuda_euler.EMULATE_ENV, raising=False)
     assert cuda_euler.EMULATE_ENV in cuda_euler.unavailable_reason(torch.device("cpu"))
-    monkeypatch.setattr(cuda_euler, "_load", lambda: ext_or_skip())
-    ext = cuda_euler._load()
+    monkeypatch.setattr(cuda_loader, "load", lambda: ext_or_skip())
+    ext = cuda_loader.load()
     before = ext.host_launches()["euler"]
     x = torch.zeros(2, 3)
     with pytest.raises(RuntimeError, match="CUDA tensors.*FLOWMATCH_FAST_CUDA_EMULATE"):
@@ -394,15 +399,15 @@ def _launch(step, x, v, *, out=None, traj=None, vu=None, acc=None, doubled=False
             if buf is not None:
                 buf.fill_(float("nan"))
         if step == "euler":
-            r = backend.euler_step(x, v, grid, 1, out, traj, vu, 2.5)
+            r = backend.euler_step(x, v, grid, 1, out, traj, vu, Guidance("batch", 2.5))
         else:
-            r, _ = backend.stage_step(x, v, grid, 1, 0.5, acc, 2.0, True, False, out, traj, vu,
-                                      2.5)
+            r, _ = backend.stage_step(x, v, grid, 1, Stage("start", 0.5, 2.0, True), acc, out,
+                                      traj, vu, Guidance("batch", 2.5))
         results.append((r.clone(), None if traj is None else traj.clone()))
     (want, want_traj), (got, got_traj) = results
     assert torch.equal(got, want)
     assert traj is None or torch.equal(got_traj, want_traj)
-    return cuda_euler._load().host_launches()
+    return cuda_loader.load().host_launches()
 
 
 def _misaligned(shape, dtype=torch.float32):
@@ -562,7 +567,7 @@ def test_launch_on_device_1_while_device_0_is_current(step):
             if step == "euler":
                 cuda_euler.euler_step(x, v, grid, 0, out)
             else:
-                cuda_euler.stage_step(x, v, grid, 0, 0.5, None, 1.0, False, False, out)
+                cuda_euler.stage_step(x, v, grid, 0, Stage("start", 0.5), None, out)
 
     with torch.cuda.device(1):
         graph, _ = capture_callable(run, dev, warmup=1)
@@ -571,5 +576,5 @@ def test_launch_on_device_1_while_device_0_is_current(step):
         torch.cuda.synchronize(dev)
     assert torch.cuda.current_device() == 0
     want = (reference.euler_step(x, v, grid, 0) if step == "euler" else
-            reference.stage_step(x, v, grid, 0, 0.5)[0])
+            reference.stage_step(x, v, grid, 0, Stage("start", 0.5))[0])
     assert torch.equal(out, want)

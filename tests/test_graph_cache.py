@@ -183,10 +183,10 @@ def _key(fm, **opts):
     """A call's cache key: the R1 class's ``guidance=`` / ``guidance_weight=`` as its ``sample``
     takes them, the 1.5 class's plan options (``guidance="mix"``, ``weight``) as they are."""
     if isinstance(fm, FlowMatching):
-        opts.update(flow_matching._batch_guidance(opts.pop("guidance", False),
-                                                  opts.pop("guidance_weight", None),
-                                                  fm.inference_guidance_weight))
-    return fm._plan(3, "cpu", False, None, None, **opts).key()
+        options = flow_matching._r1_options(fm, **opts)
+    else:
+        options = flow_matching.Options(**opts)
+    return fm._plan(3, "cpu", options).key()
 
 
 def test_key_sees_x_dims_default_dtype_and_autocast():

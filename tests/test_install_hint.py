@@ -39,3 +39,28 @@ def test_environment_prefix_is_part_of_the_command(tmp_path):
     wheel = _package(tmp_path / "site")
     assert "FLOWMATCH_FAST_CUDA_ARCHS=90 python -m pip install" in _install.rebuild_hint(
         "FLOWMATCH_FAST_CUDA_ARCHS=90", package_dir=wheel)
+
+
+def test_the_cuda_backend_names_that_fix_when_not_built(monkeypatch):
+    from flowmatch_fast.kernels.cuda import loader
+
+    monkeypatch.setattr(loader, "_ext", None)
+    monkeypatch.setattr(loader, "_import_error", ImportError("No module named 'x'"))
+    assert _install.rebuild_hint() in loader.unavailable_reason("cuda")
+
+
+def test_the_cuda_backend_names_that_fix_with_the_arch_for_a_gpu_it_has_no_code_for(monkeypatch):
+    import torch
+
+    from flowmatch_fast.kernels.cuda import loader
+
+    class Ext:
+        @staticmethod
+        def compiled_archs():
+            return ["sm_80", "sm_90", "compute_90"]
+
+    monkeypatch.setattr(loader, "_arch_reasons", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
+    reason = loader._arch_reason(Ext, torch.device("cuda", 0))
+    assert "sm_75" in reason and "sm_80, sm_90, compute_90" in reason
+    assert _install.rebuild_hint("FLOWMATCH_FAST_CUDA_ARCHS=75") in reason

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from flowmatch_fast import FlowMatching, backends
-from flowmatch_fast.kernels import triton_euler
-from flowmatch_fast.kernels.reference import TimeGrid
+from flowmatch_fast.kernels.triton import launch as triton_euler
+from flowmatch_fast.kernels.contract import Guidance, Stage, TimeGrid
 
 
 class Recorder:
@@ -48,13 +48,13 @@ def test_every_triton_launch_enters_the_tensors_device(monkeypatch):
     out = torch.empty_like(x)
     vu = torch.randn(3, 4, 2)
     for mix in (False, True):  # plain, and Alpamayo 1.5's mix of two fields
-        kw = dict(mix=True) if mix else {}
+        guidance = Guidance("mix" if mix else "none", 2.5)
         v_uncond = vu if mix else None
-        triton_euler.euler_step(x, v, grid, 0, None, None, v_uncond, 2.5, **kw)
-        triton_euler.stage_step(x, v, grid, 0, 0.5, write_acc=True, k_uncond=v_uncond,
-                                guidance_weight=2.5, **kw)
-        triton_euler._triton_euler_step_op(x, v, v_uncond, grid.values, 0, out, None, 2.5, mix)
-        triton_euler._triton_stage_step_op(x, v, v_uncond, None, grid.values, 0, 0.5, 1.0, False,
+        triton_euler.euler_step(x, v, grid, 0, None, None, v_uncond, guidance)
+        triton_euler.stage_step(x, v, grid, 0, Stage("start", 0.5, write_acc=True), None, None,
+                                None, v_uncond, guidance)
+        triton_euler.launch_euler(x, v, v_uncond, grid.values, 0, out, None, 2.5, mix)
+        triton_euler.launch_stage(x, v, v_uncond, None, grid.values, 0, 0.5, 1.0, False,
                                            out, None, None, 2.5, mix)
     assert rec.launches == [("euler", x.device), ("stage", x.device)] * 4
 

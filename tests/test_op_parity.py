@@ -14,7 +14,7 @@ import torch
 
 from fields import FIELD_DTYPES, make_velocity
 from flowmatch_fast.kernels import reference
-from flowmatch_fast.kernels.reference import TimeGrid, result_dtype
+from flowmatch_fast.kernels.contract import Guidance, TimeGrid, result_dtype
 
 STATE_DTYPES = (torch.float32, torch.float64)
 LAYOUTS = ("contiguous", "transposed", "strided", "expanded", "misaligned")
@@ -28,7 +28,7 @@ def _run(step, x, v, grid, i, rows_out, traj_buf, vu=None, w=1.0):
     if traj_buf is not None:
         traj_buf = traj_buf.to(dtype).fill_(float("nan"))
         traj = traj_buf[:, i + 1]
-    step(x, v, grid, i, out, traj, vu, w)
+    step(x, v, grid, i, out, traj, vu, Guidance("batch", w))
     return out, traj_buf
 
 
@@ -94,7 +94,7 @@ def test_no_fused_multiply_add(target):
 def test_stage_step_matches_reference(target, case_rng):
     """Every Runge-Kutta stage program, every dtype pair, guided or not: bitwise."""
     from flowmatch_fast.integrators import METHODS
-    from flowmatch_fast.kernels.reference import stage_dtype
+    from flowmatch_fast.kernels.contract import stage_dtype
 
     backend, device = target
     if not hasattr(backend, "stage_step"):
@@ -122,8 +122,8 @@ def test_stage_step_matches_reference(target, case_rng):
             out = torch.full(((2 if guided else 1) * shape[0], *shape[1:]), float("nan"), dtype=c,
                              device=device)
             tb = traj_buf.clone()
-            new, acc_out = step(x, k, grid, i, st.coef, acc, st.acc_weight, st.write_acc,
-                                st.from_acc, out, tb[:, i + 1] if st.from_acc else None, ku, 1.75)
+            new, acc_out = step(x, k, grid, i, st, acc, out, tb[:, i + 1] if st.from_acc else None,
+                                ku, Guidance("batch", 1.75))
             results.append((new, acc_out, tb))
         msg = f"{st} {state_dtype} {field_dtype} guided={guided} {layout} i={i}"
         (r_new, r_acc, r_tb), (b_new, b_acc, b_tb) = results

@@ -23,6 +23,14 @@ def test_package_ships_py_typed():
     assert importlib.resources.files("flowmatch_fast").joinpath("py.typed").is_file()
 
 
+def test_every_package_directory_is_listed_for_the_wheel():
+    tomllib = pytest.importorskip("tomllib")
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = {".".join(Path(d).relative_to(ROOT).parts)
+             for d, _, files in os.walk(ROOT / "flowmatch_fast") if "__init__.py" in files}
+    assert sorted(listed) == sorted(found)
+
+
 def test_license_file_and_spdx_metadata():
     tomllib = pytest.importorskip("tomllib")
     text = (ROOT / "LICENSE").read_text()

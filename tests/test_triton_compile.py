@@ -11,7 +11,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from flowmatch_fast.kernels import triton_euler  # noqa: E402
+from flowmatch_fast.kernels.triton import launch as triton_euler  # noqa: E402
+
+import triton_aot  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     triton_euler.interpret_mode(),
@@ -26,16 +28,16 @@ def _ops(ptx):
 @pytest.fixture(scope="module")
 def compiled():
     try:
-        return {spec: triton_euler.compile_for_target(*spec, arch=90)
-                for spec in triton_euler.specializations()}
+        return {spec: triton_aot.compile_for_target(*spec, arch=90)
+                for spec in triton_aot.specializations()}
     except Exception as exc:  # the compile API moved between Triton versions: say which
         raise AssertionError(f"AOT compile failed on Triton {triton.__version__}: {exc!r}") from exc
 
 
 @pytest.fixture(scope="module")
 def compiled_stages():
-    return [(spec, triton_euler.compile_for_target(**spec, arch=90))
-            for spec in triton_euler.stage_specializations()]
+    return [(spec, triton_aot.compile_for_target(**spec, arch=90))
+            for spec in triton_aot.stage_specializations()]
 
 
 def test_every_stage_specialization_compiles_without_fma(compiled_stages):
@@ -47,7 +49,7 @@ def test_every_stage_specialization_compiles_without_fma(compiled_stages):
 
 
 def test_every_specialization_compiles_for_sm90(compiled):
-    assert len(compiled) == 2 * 4 * 2 * len(triton_euler.GUIDANCE_VARIANTS) * 2
+    assert len(compiled) == 2 * 4 * 2 * len(triton_aot.GUIDANCE_VARIANTS) * 2
     for spec, kernel in compiled.items():
         assert kernel.asm.get("cubin"), spec
         assert ".target sm_90" in kernel.asm["ptx"], spec
@@ -69,5 +71,5 @@ def test_contiguous_float32_uses_128_bit_accesses(compiled):
 
 def test_the_fma_check_can_fail():
     """With contraction on, the same kernel does hold an fma: the check above is not vacuous."""
-    fused = triton_euler.compile_for_target(torch.float32, torch.float32, enable_fp_fusion=True)
+    fused = triton_aot.compile_for_target(torch.float32, torch.float32, enable_fp_fusion=True)
     assert any(op.startswith("fma.rn.f32") for op in _ops(fused.asm["ptx"]))

@@ -4,10 +4,11 @@ the original: lazily negated views, sparse tensors, views spanning 2**31 element
 import pytest
 import torch
 
-from flowmatch_fast import FlowMatching
+from flowmatch_fast import FlowMatching, integrators
 from flowmatch_fast.alpamayo1_5 import FlowMatching as FlowMatching1_5
-from flowmatch_fast.kernels import reference, triton_euler
-from flowmatch_fast.kernels.reference import TimeGrid, kernel_readable, kernel_supports
+from flowmatch_fast.kernels import reference
+from flowmatch_fast.kernels.triton import launch as triton_euler
+from flowmatch_fast.kernels.contract import Guidance, Stage, TimeGrid, kernel_readable, kernel_supports
 from oracle import spec_sample, spec_sample_1_5
 
 
@@ -99,9 +100,10 @@ def test_fields_past_the_offset_limit_take_the_reference(monkeypatch):
     x = torch.randn(2, 8)
     v = torch.randn(2, 800)[:, ::100]  # 16 elements spanning 1501
     grid = TimeGrid(torch.linspace(0, 1, 3), 2, x.dim())
-    assert torch.equal(triton_euler.euler_step(x, v, grid, 1), reference.euler_step(x, v, grid, 1))
-    got = triton_euler.stage_step(x, v, grid, 1, 0.5, write_acc=True)
-    want = reference.stage_step(x, v, grid, 1, 0.5, write_acc=True)
+    assert torch.equal(integrators.euler_step(triton_euler, x, v, grid, 1),
+                       reference.euler_step(x, v, grid, 1))
+    got = integrators.stage_step(triton_euler, x, v, grid, 1, Stage("start", 0.5, write_acc=True))
+    want = reference.stage_step(x, v, grid, 1, Stage("start", 0.5, write_acc=True))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -113,12 +115,13 @@ def test_an_unguided_field_past_the_offset_limit_takes_the_reference_mix(monkeyp
     vu = torch.randn(2, 800, dtype=torch.bfloat16)[:, ::100]  # 16 elements spanning 1501
     grid = TimeGrid(torch.linspace(0, 1, 3), 2, x.dim())
     for w in (2.5, 1.0):
-        assert torch.equal(triton_euler.euler_step(x, v, grid, 1, None, None, vu, w, mix=True),
-                           reference.euler_step(x, v, grid, 1, None, None, vu, w, mix=True))
-        got = triton_euler.stage_step(x, v, grid, 1, 0.5, write_acc=True, k_uncond=vu,
-                                      guidance_weight=w, mix=True)
-        want = reference.stage_step(x, v, grid, 1, 0.5, write_acc=True, k_uncond=vu,
-                                    guidance_weight=w, mix=True)
+        assert torch.equal(
+            integrators.euler_step(triton_euler, x, v, grid, 1, None, None, vu, Guidance("mix", w)),
+            reference.euler_step(x, v, grid, 1, None, None, vu, Guidance("mix", w)))
+        stage = Stage("start", 0.5, write_acc=True)
+        got = integrators.stage_step(triton_euler, x, v, grid, 1, stage, k_uncond=vu,
+                                     guidance=Guidance("mix", w))
+        want = reference.stage_step(x, v, grid, 1, stage, k_uncond=vu, guidance=Guidance("mix", w))
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 

@@ -1,7 +1,7 @@
 """The Triton kernels themselves (imported only when a Triton backend is first used).
 
 Module-level so that nested ``@triton.jit`` calls resolve, also under ``TRITON_INTERPRET=1``.
-Contract and arithmetic: ``flowmatch_fast.kernels`` and ``reference.euler_step/stage_step``.
+Contract and arithmetic: ``flowmatch_fast.kernels.contract`` and the reference steps.
 """
 
 import triton
