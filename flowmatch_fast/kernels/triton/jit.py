@@ -9,25 +9,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _peel(ACTIVE: tl.constexpr, rem, v_offs, d, s):
+    """One dim of the unravel, innermost first: ``(rem // d, v_offs + (rem % d) * s)`` when active."""
+    if ACTIVE:  # a constexpr branch: one return, so both cases type-check (Triton checks every return)
+        v_offs += (rem % d) * s
+        rem = rem // d
+    return rem, v_offs
+
+
+@triton.jit
 def field_offsets(offs, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5, V_NDIM: tl.constexpr):
     """A strided field's element offsets for flat state indices (innermost dim first)."""
-    rem = offs
-    v_offs = tl.zeros_like(offs)
-    if V_NDIM > 5:
-        v_offs += (rem % d5) * s5
-        rem = rem // d5
-    if V_NDIM > 4:
-        v_offs += (rem % d4) * s4
-        rem = rem // d4
-    if V_NDIM > 3:
-        v_offs += (rem % d3) * s3
-        rem = rem // d3
-    if V_NDIM > 2:
-        v_offs += (rem % d2) * s2
-        rem = rem // d2
-    if V_NDIM > 1:
-        v_offs += (rem % d1) * s1
-        rem = rem // d1
+    rem, v_offs = _peel(V_NDIM > 5, offs, tl.zeros_like(offs), d5, s5)
+    rem, v_offs = _peel(V_NDIM > 4, rem, v_offs, d4, s4)
+    rem, v_offs = _peel(V_NDIM > 3, rem, v_offs, d3, s3)
+    rem, v_offs = _peel(V_NDIM > 2, rem, v_offs, d2, s2)
+    rem, v_offs = _peel(V_NDIM > 1, rem, v_offs, d1, s1)
     return v_offs + rem * s0
 
 
