@@ -55,3 +55,37 @@ def test_a_variant_that_is_not_bitwise_makes_the_run_not_count(monkeypatch):
     assert gpu_bench.PROBLEMS == ["drift: ours-torch not bitwise to original"]
     rows = {r["variant"]: r for r in gpu_bench.ROWS if r["workload"] == "drift"}
     assert rows["ours-torch"]["bitwise_vs_original"] is False
+
+
+def test_the_compile_budget_cuts_each_compile_and_stops_trying_once_spent():
+    """gpu_bench --compile-budget: a compile that runs past what is left is cut off there and
+    charged; once less than a second is left the next compile is not even started."""
+    import time
+
+    import gpu_bench
+
+    budget = gpu_bench.CompileBudget(1.5)
+    value, why = budget.run(lambda: "compiled", limit=90)
+    assert (value, why) == ("compiled", None) and 1.4 < budget.left <= 1.5
+
+    def slow():
+        time.sleep(5)
+
+    t0 = time.perf_counter()
+    value, why = budget.run(slow, limit=90)
+    assert value is None and why == "compile exceeded 1 s" and time.perf_counter() - t0 < 3
+    assert budget.left < 1 and gpu_bench.CompileBudget.out_of_time(why)
+    tried = []
+    value, why = budget.run(lambda: tried.append(1), limit=90)
+    assert value is None and tried == [] and why.startswith("not compiled")
+
+
+def test_a_compile_that_raises_is_reported_with_its_error_and_not_as_out_of_time():
+    import gpu_bench
+
+    def broken():
+        raise RuntimeError("inductor says no")
+
+    value, why = gpu_bench.CompileBudget().run(broken, limit=0)
+    assert value is None and "inductor says no" in why
+    assert not gpu_bench.CompileBudget.out_of_time(why)
