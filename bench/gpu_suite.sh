@@ -21,9 +21,9 @@
 # (the L_* below, seconds); the parallel group counts once, as its one limit:
 #   info 10 + install 75 + env 20 + bench 190 + pytest-bench 45 + parallel 135 = 475 s in all.
 # What they rest on (the 2026-11-28 H200 run, commit 253bdc8): install 36 s; bench 44 s with one
-# 10 s compile, before W5 (2B expert, ~25 s more) and the 10,000 replays; the bench's compiles
-# share --compile-budget 90 s (each at most 60 s; a compile cut off is a row saying so, not a
-# failure), so bench ends near 34 + 25 + 90 = 150 s. Tests: 371 took 79 s serially there (slowest
+# 10 s compile, before W5 (2B expert: ~25 s more, estimated, not yet run on a GPU); the bench's
+# compiles share --compile-budget 90 s, in the order they come (W1 first; each at most 60 s; a
+# compile cut off is a row saying so, not a failure), so bench ends near 34 + 25 + 90 = 150 s. Tests: 371 took 79 s serially there (slowest
 # one test, 53 s, Triton JIT of stage_step on cuda); 816 now, so with pytest-xdist (when
 # importable) the whole suite runs in nproc/2 workers and each parity pass in nproc/6, torch at 2
 # threads each (16 cores: 8 + 2 + 2 workers, the demo, the plot). No test needs the GPU to itself:
