@@ -231,15 +231,48 @@ def bench_launch_overhead(sz):
         row("launch-overhead-b6", name, host, note="host seconds per euler_step call")
 
 
+class CompileBudget:
+    """Seconds for all of a run's compiles together (``None``: no budget): each compile may take
+    its own limit cut to what is left; once it is spent the remaining compiles are not tried, so
+    the bench phase ends within its time limit in bench/gpu_suite.sh."""
+
+    def __init__(self, total=None):
+        self.left = total
+
+    @staticmethod
+    def out_of_time(why):
+        return why.startswith(("compile exceeded", "not compiled"))
+
+    def run(self, make, limit):
+        """``(make(), None)``, or ``(None, why)`` when it raised, ran past its time, or no budget
+        was left. ``limit``: seconds for this compile (0: none)."""
+        if self.left is not None:
+            if self.left < 1:
+                return None, "not compiled: the run's compile budget is spent"
+            limit = int(min(limit or self.left, self.left))
+        fired, t0 = [False], time.perf_counter()
+        try:
+            with time_limit(limit) as fired:
+                return make(), None
+        except Exception as exc:  # noqa: BLE001 - a peer that does not compile is a result
+            # (no dynamo reset here: it would drop the variants of this workload compiled already)
+            return None, (f"compile exceeded {limit} s" if fired[0]
+                          else traceback.format_exc(limit=3)[-400:])
+        finally:
+            if self.left is not None:
+                self.left -= time.perf_counter() - t0
+
+
+COMPILES = CompileBudget()  # main() sets the total from --compile-budget
+
+
 def _compile_row(label, name, make, limit, fns, compile_s):
-    """Build one compiled variant within ``limit`` seconds; a failure or a timeout is a row."""
-    fired = [False]
-    try:
-        with time_limit(limit) as fired:
-            fns[name], compile_s[name] = make()
-    except Exception as exc:  # noqa: BLE001 - a peer that does not compile is a result, not a crash
-        # (no dynamo reset here: it would drop the variants of this workload compiled already)
-        row(label, name, None, error=f"compile exceeded {limit} s" if fired[0] else repr(exc)[:300])
+    """Build one compiled variant within its time; a failure or a timeout is a row."""
+    built, why = COMPILES.run(make, limit)
+    if why is None:
+        fns[name], compile_s[name] = built
+    else:
+        row(label, name, None, error=why)
 
 
 def bench_workload(label, x_dims, batch, field, steps, reps, sz, names=W.VARIANTS, all_steps=False,
@@ -278,20 +311,17 @@ def bench_workload(label, x_dims, batch, field, steps, reps, sz, names=W.VARIANT
                      lambda: W.compiled_ours(x_dims, batch, field, device, steps),
                      compile_limit, fns, compile_s)
         peers.append("torch.compile(ours, eager-numerics)")
-    if compile_ in ("peers", "all"):
-        fired = [False]
-        try:  # ours composing with a compiled field: must work, and bitwise
-            with time_limit(compile_limit) as fired:
-                cfns, cs = W.compiled_field_variants(x_dims, batch, field, device, steps)
+    if compile_ in ("peers", "all"):  # ours composing with a compiled field: must work, bitwise
+        built, why = COMPILES.run(lambda: W.compiled_field_variants(x_dims, batch, field, device,
+                                                                     steps), compile_limit)
+        if why is None:
+            cfns, compile_s["compiled-field-original"] = built
             fns.update(cfns)
-            compile_s["compiled-field-original"] = cs
             refs.update({n: "compiled-field-original" for n in cfns if n != "compiled-field-original"})
-        except Exception:  # noqa: BLE001
-            if not fired[0]:  # ours does not compose with a compiled field: a failure
+        else:
+            row(label, "compiled-field", None, error=why)
+            if not CompileBudget.out_of_time(why):  # past its time it is torch.compile's, not ours
                 PROBLEMS.append(f"{label}: compiled-field")
-            # past the time limit it is torch.compile's own time: reported, not our failure
-            row(label, "compiled-field", None, error=(f"compile exceeded {compile_limit} s"
-                if fired[0] else traceback.format_exc(limit=3)[-400:]))
     # bitwise first (before timing: a broken variant is reported even when timing it would fail)
     status = {name: _bitwise(fns[name], fns[ref]) for name, ref in refs.items()}
     status.update({name: _bitwise(fns[name], fns["original"]) for name in peers if name in fns})
@@ -484,6 +514,9 @@ def main():
                          f"given. Default: {COMPILE_DEFAULT}")
     ap.add_argument("--compile-limit", type=int, default=90,
                     help="seconds allowed to one compile; past it the row says so (0: no limit)")
+    ap.add_argument("--compile-budget", type=int, default=0,
+                    help="seconds for all compiles together; each gets its limit cut to what is "
+                         "left, and none is tried once it is spent (0: no budget)")
     ap.add_argument("--only", default="", help="comma-separated sections to run (default: all)")
     ap.add_argument("--dry-run", action="store_true",
                     help="every section's entry on CPU with tiny sizes (no GPU needed)")
@@ -494,6 +527,7 @@ def main():
     if args.dry_run and not any(a.startswith("--compile=") or a == "--compile" for a in sys.argv):
         args.compile = ""  # compiles take seconds to minutes on CPU: only when asked
     args.reps = args.reps or (3 if args.dry_run else 100)
+    COMPILES.left = args.compile_budget or None
     args.out = args.out or (os.path.join(os.environ.get("TMPDIR", "/tmp"), "flowmatch_dry_run")
                             if args.dry_run else os.path.join(os.path.dirname(__file__), "results"))
     env = environment(sz.device)

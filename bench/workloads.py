@@ -72,13 +72,6 @@ class StoredField:
         return self.v
 
 
-def cuda_time(fn, warmup=10, reps=100):
-    """(median, 10th percentile) seconds of one callable on the GPU, for a section that times one
-    variant at a time (side-by-side variants: :func:`time_interleaved`)."""
-    tm = time_interleaved({"fn": fn}, "cuda", reps, rounds=1, warmup=warmup)["fn"]
-    return tm.median, tm.p10
-
-
 def warm_up_device(device, seconds=2.0):
     """Busy the GPU for ``seconds`` (bf16 matmuls) so the first timed workload meets raised clocks.
 
@@ -354,19 +347,29 @@ def v1_5_variant(name, device, batch=V1_5_BATCH, steps=V1_5_STEPS, weight=V1_5_W
     return fm.capture(batch, guided, unguided, device)
 
 
-def _v1_5_section(row, reps):
-    """Guided W1 on the 1.5 class: each variant timed and checked bitwise against the original."""
-    base = None
+def _v1_5_section(row, reps, device="cuda"):
+    """Guided W1 on the 1.5 class: the variants timed interleaved (median, p10-p90), each checked
+    bitwise against the original loop first; a variant that is not bitwise fails the section."""
+    fns = {}
     for name in V1_5_VARIANTS:
-        fn = v1_5_variant(name, "cuda")
+        fn = v1_5_variant(name, device)
+        if callable(fn):
+            fns[name] = fn
+        else:
+            row(f"1.5-guided-W1-b{V1_5_BATCH}", name, None, reason=fn)
+    outs = {}
+    for name, fn in fns.items():
         torch.manual_seed(0)
-        out = fn()
-        if base is None:
-            reference = out
-        med, _ = cuda_time(fn, reps=reps)
-        base = base or med
-        row("1.5-guided-W1-b6", name, med, speedup=round(base / med, 2),
-            bitwise=bool(torch.equal(out, reference)))
+        outs[name] = fn().clone()  # before the next variant may replay over a static buffer
+    bitwise = {name: bool(torch.equal(out, outs["original"])) for name, out in outs.items()}
+    timings = time_interleaved(fns, device, reps)
+    base = timings["original"].median
+    for name, tm in timings.items():
+        row(f"1.5-guided-W1-b{V1_5_BATCH}", name, tm, speedup=round(base / tm.median, 2),
+            bitwise_vs_original=bitwise[name])
+    broken = [name for name, ok in bitwise.items() if not ok]
+    if broken:
+        raise AssertionError(f"1.5 guided W1: {', '.join(broken)} not bitwise to the original")
 
 
 EXTRA_GPU_SECTIONS.append(("alpamayo1_5", _v1_5_section))
