@@ -89,3 +89,51 @@ def target(request):
     if reason is not None:
         pytest.skip(reason)
     return backends.resolve(name, torch.device(dev)), torch.device(dev)
+
+
+class FusedLaunches:
+    """Kernel launches of the fused backend a kernel pass selects (``FLOWMATCH_FAST_BACKEND`` =
+    ``triton`` or ``cuda``), counted while one test runs: a parity test checks with it that its
+    cases ran the kernels, not a silent fallback to the reference (which passes any parity
+    check). In the other passes ``backend`` is None and :meth:`expect` checks nothing."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.count = 0
+
+    def expect(self, launches: int, what: str) -> None:
+        """The launches since the last ``expect`` (or the test's start) were ``launches``."""
+        got, self.count = self.count, 0
+        if self.backend is not None:
+            assert got == launches, (f"{what}: {got} {self.backend} kernel launches, expected "
+                                     f"{launches} (the others fell back to the reference)")
+
+
+@pytest.fixture
+def fused_launches(monkeypatch):
+    """A :class:`FusedLaunches` counting each launch the selected kernels make: Triton's
+    ``_launch`` (the interpreter on CPU, or a GPU), the CUDA extension's two entry points (its
+    host emulation on CPU, or a GPU). A launch of no elements launches nothing and counts 0."""
+    from flowmatch_fast import backends
+
+    name = backends.check_backend_name(None)
+    counter = FusedLaunches(name if name in ("triton", "cuda") else None)
+
+    def counting(launch):
+        def counted(*args, **kwargs):
+            counter.count += 1
+            return launch(*args, **kwargs)
+        return counted
+
+    if counter.backend == "triton":
+        from flowmatch_fast.kernels.triton import launch
+
+        monkeypatch.setattr(launch, "_launch", counting(launch._launch))
+    elif counter.backend == "cuda":
+        from flowmatch_fast.kernels.cuda import loader
+
+        ext = loader.load()
+        if ext is not None:  # else sample raises: the backend was asked for explicitly
+            for entry in ("euler_step", "stage_step"):
+                monkeypatch.setattr(ext, entry, counting(getattr(ext, entry)))
+    return counter

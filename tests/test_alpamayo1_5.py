@@ -4,7 +4,8 @@ guided update, errors.
 
 Runs on whatever backend ``FLOWMATCH_FAST_BACKEND`` selects (CI: plain torch, then Triton through
 the interpreter, then the CUDA kernels through their host emulation), on CPU and, when there is
-one, on a CUDA device.
+one, on a CUDA device. In the kernel passes the parity cases also count the kernels' launches
+(``fused_launches``): one per step, except where the contract mixes the fields in plain torch.
 """
 
 import gc
@@ -57,6 +58,38 @@ def _guided_both(fields, x_dims, batch, device, steps, weight, seed, return_all_
             results.append(spec_sample_1_5(x_dims, batch, vg, vu, device, steps, return_all_steps,
                                            guidance=True, weight=weight, temperature=temperature))
     return results
+
+
+class _StepDtypes:
+    """A ``fields()`` factory for :func:`_guided_both` whose first pair (our run) records the
+    dtype and dims of what each field returns per step; :attr:`fused` counts the steps the
+    contract gives the fused kernels: two dimensioned fields of one dtype (0-dim fields, or two
+    dtypes, are combined in plain torch by the reference)."""
+
+    def __init__(self, fields):
+        self._fields, self.steps = fields, None
+
+    def __call__(self):
+        vg, vu = self._fields()
+        if self.steps is not None:
+            return vg, vu
+        self.steps = []
+
+        def guided(*, x, t):
+            v = vg(x=x, t=t)
+            self.steps.append([(v.dtype, v.dim())])
+            return v
+
+        def unguided(*, x, t):
+            v = vu(x=x, t=t)
+            self.steps[-1].append((v.dtype, v.dim()))
+            return v
+
+        return guided, unguided
+
+    @property
+    def fused(self) -> int:
+        return sum(g[0] == u[0] and g[1] > 0 and u[1] > 0 for g, u in self.steps)
 
 
 def _unguided(field):
@@ -112,7 +145,8 @@ def test_to_bfloat16_changes_nothing(case_rng):
 # ------------------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda p: f"{p[0]}-{p[1]}".replace("torch.", ""))
 @pytest.mark.parametrize("return_all_steps", [False, True], ids=["final", "all_steps"])
-def test_guided_parity_every_dtype_pair(device, dtypes, return_all_steps, case_rng):
+def test_guided_parity_every_dtype_pair(device, dtypes, return_all_steps, case_rng,
+                                        fused_launches):
     x_dims = [case_rng.randint(1, 9) for _ in range(case_rng.randint(1, 3))]
     batch, steps = case_rng.randint(1, 24), case_rng.randint(1, 8)
     layout = case_rng.choice(LAYOUTS)
@@ -121,14 +155,18 @@ def test_guided_parity_every_dtype_pair(device, dtypes, return_all_steps, case_r
     seed = case_rng.randrange(2**31)
     msg = (f"x_dims={x_dims} batch={batch} steps={steps} layout={layout} w={weight} "
            f"temperature={temperature} seed={seed}")
-    fields = lambda: (make_field(layout, dtypes[0], x_dims, seed),  # noqa: E731
-                      _unguided(make_field(layout, dtypes[1], x_dims, seed + 1)))
+    fields = _StepDtypes(lambda: (make_field(layout, dtypes[0], x_dims, seed),
+                                  _unguided(make_field(layout, dtypes[1], x_dims, seed + 1))))
     _assert_same(*_guided_both(fields, x_dims, batch, device, steps, weight, seed,
                                return_all_steps, temperature), msg)
+    assert len(fields.steps) == steps
+    if dtypes[0] == dtypes[1]:
+        assert fields.fused == steps, msg
+    fused_launches.expect(fields.fused, msg)
 
 
 @pytest.mark.parametrize("dtype", FIELD_DTYPES, ids=str)
-def test_unguided_parity_and_temperature(device, dtype, case_rng):
+def test_unguided_parity_and_temperature(device, dtype, case_rng, fused_launches):
     """Guidance off: ``unguided_step_fn`` is never called; ``temperature`` scales the noise."""
     seed = case_rng.randrange(2**31)
     temperature = case_rng.choice((1.0, 0.7, 2.0))
@@ -147,6 +185,7 @@ def test_unguided_parity_and_temperature(device, dtype, case_rng):
                           True, temperature=temperature)
     _assert_same(ours, ref, f"seed={seed} temperature={temperature}")
     assert calls[0] == 0
+    fused_launches.expect(6, f"seed={seed}")
 
 
 def test_temperature_one_leaves_the_noise_unchanged(device):
@@ -157,7 +196,7 @@ def test_temperature_one_leaves_the_noise_unchanged(device):
     assert torch.equal(states[:, 0], torch.randn(3, 4, 2, device=device))
 
 
-def test_guided_field_is_called_first_so_random_fields_match(device, case_rng):
+def test_guided_field_is_called_first_so_random_fields_match(device, case_rng, fused_launches):
     """Fields that draw from the global generator give the original's numbers only when called
     in its order: guided, then unguided, every step."""
     seed = case_rng.randrange(2**31)
@@ -172,10 +211,11 @@ def test_guided_field_is_called_first_so_random_fields_match(device, case_rng):
     fields = lambda: (noisy("g", 1.0), noisy("u", -0.5))  # noqa: E731
     _assert_same(*_guided_both(fields, (64, 2), 6, device, 5, 2.0, seed), f"seed={seed}")
     assert order[:4] == ["g", "u", "g", "u"]
+    fused_launches.expect(5, f"seed={seed}")
 
 
 @pytest.mark.parametrize("weight", [1.0, 0.0, -0.5])
-def test_nan_and_inf_fields_propagate_without_shortcuts(device, weight):
+def test_nan_and_inf_fields_propagate_without_shortcuts(device, weight, fused_launches):
     """w = 1 is not vg itself: an inf in vu gives 0 * inf = NaN, as in the original."""
     def vg(*, x, t):
         v = smooth(x, t).to(torch.bfloat16)
@@ -192,9 +232,11 @@ def test_nan_and_inf_fields_propagate_without_shortcuts(device, weight):
     results = _guided_both(lambda: (vg, vu), (3, 2), 2, device, 3, weight, 11)
     _assert_same(*results, f"w={weight}")
     assert results[0][0].isnan().any()
+    fused_launches.expect(3, f"w={weight}")
 
 
-def test_noise_generator_methods_grids_agree_with_the_torch_backend(device, case_rng):
+def test_noise_generator_methods_grids_agree_with_the_torch_backend(device, case_rng,
+                                                                    fused_launches):
     """Our extras on the 1.5 class: the selected backend equals the reference backend bitwise."""
     seed = case_rng.randrange(2**31)
     field = make_field("contiguous", torch.bfloat16, [16, 2], seed)
@@ -208,6 +250,8 @@ def test_noise_generator_methods_grids_agree_with_the_torch_backend(device, case
             results.append(fm.sample(5, field, _unguided(field), device, generator=gen,
                                      temperature=0.8, **opt))
         _assert_same(*results, f"{opt} seed={seed}")
+        steps = len(opt["timesteps"]) - 1 if "timesteps" in opt else 4
+        fused_launches.expect(steps * len(METHODS[opt.get("int_method", "euler")]), str(opt))
     fm = FlowMatching("euler", 4, 1.7, (16, 2), True)
     torch.manual_seed(seed)
     drawn = fm.sample(5, field, _unguided(field), device, temperature=0.8)
@@ -215,13 +259,15 @@ def test_noise_generator_methods_grids_agree_with_the_torch_backend(device, case
     given = fm.sample(5, field, _unguided(field), device, temperature=0.8,
                       noise=torch.randn(5, 16, 2, device=device))
     _assert_same(given, drawn, "noise= is the draw temperature multiplies")
+    fused_launches.expect(2 * 4, "noise= and drawn noise")
 
 
-def test_zero_dim_fields_keep_pytorchs_promotion(device):
+def test_zero_dim_fields_keep_pytorchs_promotion(device, fused_launches):
     for dtypes in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64)):
         vg = lambda *, x, t: torch.tensor(0.75, dtype=dtypes[0], device=x.device)  # noqa: E731
         vu = lambda *, x, t: torch.tensor(-1.5, dtype=dtypes[1], device=x.device)  # noqa: E731
         _assert_same(*_guided_both(lambda: (vg, vu), (4, 2), 5, device, 3, 2.5, 3), str(dtypes))
+        fused_launches.expect(0, f"{dtypes}: 0-dim fields take the reference (their promotion)")
 
 
 def test_graph_cache_evicts_when_either_field_is_collected():

@@ -116,6 +116,7 @@ def test_capture_of_a_compiled_field_compiles_in_warm_up_and_replays_bitwise():
     same compiled field."""
     from torch._dynamo.utils import counters
 
+    counters.clear()  # global: count this test's compiles only, not an earlier test's
     compiled = _compiled_field("cuda")
     fm = FlowMatching(x_dims=(16, 2), num_inference_steps=4)
     sampler = fm.capture(3, compiled, device="cuda")

@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 
-from flowmatch_fast import FlowMatching, alpamayo1_5, flow_matching
+from flowmatch_fast import FlowMatching, alpamayo1_5, flow_matching, sampling
 from flowmatch_fast.graph import GraphCache, field_key
 
 
@@ -177,6 +177,56 @@ def test_one_capture_per_signature_bound_and_no_overlapping_replays_under_thread
     assert len(cache) == 3 and s.captures == 3 and all(n == 1 for n in builds.values())
     assert active[1] == 1, "replays of graphs sharing buffers must not overlap"
     assert s.first_calls + s.captures + s.replays + s.eager_fallbacks == 8 * 40
+
+
+class RecordingCapture:
+    """Stands in for ``CapturedSampler`` in the sampling path: the capture runs the loop once
+    (its outputs are the graph's buffers) and it holds what the real one holds: ``run`` only
+    with ``keep_alive``, the ``static_inputs`` always."""
+
+    def __init__(self, run, device, pool=None, order=None, keep_alive=True, static_inputs=()):
+        self._run = run if keep_alive else None
+        self._static_inputs = tuple(static_inputs)
+        self.outputs = run()
+
+    def __call__(self):
+        return self.outputs.clone()
+
+
+def test_a_cached_graph_keeps_its_explicit_grid_alive(monkeypatch):
+    """A graph captured by the cache for ``timesteps=[...]`` reads that call's grid tensor on
+    every replay: the cache entry must hold it after the call that made it is gone. The sampling
+    path runs on CPU here, under a plan made for the CPU and ``RecordingCapture`` for the capture;
+    everything before the plan sees a CUDA device."""
+    grids = []  # a weak reference to each call's device grid, as the plan got it
+    check_timesteps = sampling._check_timesteps
+
+    def recording_check(timesteps, device):
+        values, key = check_timesteps(timesteps, device)
+        grids.append(weakref.ref(values))
+        return values, key
+
+    plan = sampling.Sampling._plan
+    monkeypatch.setattr(sampling, "_check_timesteps", recording_check)
+    monkeypatch.setattr(sampling.Sampling, "_plan",
+                        lambda self, batch, device, options, captured=False:
+                        plan(self, batch, "cpu", options, captured))
+    monkeypatch.setattr(sampling, "cuda_device", lambda device: device)
+    monkeypatch.setattr(sampling, "CapturedSampler", RecordingCapture)
+    fm = FlowMatching(x_dims=(5, 3), cuda_graph=True)
+    monkeypatch.setattr(fm.graph_cache, "pool", lambda device: (None, None))
+    field = make_field()
+    for _ in range(3):  # eager, capture, replay (return_all_steps=False: the grid is no output)
+        fm.sample(4, field, device="cuda:0", timesteps=[0.0, 0.1, 0.35, 0.7, 1.0])
+        gc.collect()
+    stats = fm.graph_stats
+    assert (stats.first_calls, stats.captures, stats.replays) == (1, 1, 1)
+    eager_grid, captured_grid, replay_grid = grids
+    assert eager_grid() is None and replay_grid() is None, "an uncaptured call keeps nothing"
+    assert captured_grid() is not None, "the cached graph's grid was freed: replays read freed memory"
+    fm.clear_cuda_graphs()
+    gc.collect()
+    assert captured_grid() is None, "the grid goes with its graph"
 
 
 def _key(fm, **opts):

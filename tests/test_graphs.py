@@ -1,6 +1,7 @@
 """CUDA-graph capture: options on CPU, the captured samplers (GPU). The cache's bookkeeping:
 tests/test_graph_cache.py."""
 
+import gc
 import warnings
 
 import pytest
@@ -141,6 +142,29 @@ def test_automatic_cache_bound_and_stats():
     assert len(fm.graph_cache) == 2
     fm.clear_cuda_graphs()
     assert len(fm.graph_cache) == 0
+
+
+@pytest.mark.gpu
+def test_cached_graph_of_an_explicit_grid_replays_after_the_call_that_made_it_is_gone():
+    """The grid of ``timesteps=[...]`` is copied to the device before the capture and read by
+    every replay: were the cache not holding it, its block would go back to the allocator and
+    the fresh tensors of its size made between the calls would take it."""
+    fm = FlowMatching(x_dims=(64, 2), cuda_graph=True)
+    field = _mlp_field((64, 2), "cuda")
+    grid = [0.0, 0.1, 0.35, 0.7, 1.0]
+    filler = []
+    for seed in (1, 2, 3):  # eager, capture, replay
+        torch.manual_seed(seed)
+        got = fm.sample(6, field, device="cuda", timesteps=grid)
+        torch.manual_seed(seed)
+        want = fm.sample(6, field, device="cuda", timesteps=grid, cuda_graph=False)
+        assert torch.equal(got, want), f"call {seed}"
+        gc.collect()
+        # the grid's size (5 float32), NaN-filled: a replay reading a freed grid gives NaN
+        filler = [torch.full((len(grid),), float("nan"), device="cuda") for _ in range(256)]
+    del filler
+    stats = fm.graph_stats
+    assert (stats.first_calls, stats.captures, stats.replays) == (1, 1, 1)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,8 @@
 """Beyond the original: midpoint / heun / rk4, guidance, time grids, generator= and noise=.
 
 Runs on the backend that ``FLOWMATCH_FAST_BACKEND`` selects; ``test_backend_parity`` compares it
-bitwise with the plain-torch backend.
+bitwise with the plain-torch backend. In the kernel passes the parity cases also count the
+kernels' launches (``fused_launches``): one per stage of every step.
 """
 
 import math
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowmatch_fast import FlowMatching
+from flowmatch_fast import FlowMatching, integrators
 from fields import make_field
 from oracle import spec_sample
 
@@ -50,7 +51,7 @@ def _guided(f_cond, f_uncond):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_backend_parity(device, method, dtype, case_rng):
+def test_backend_parity(device, method, dtype, case_rng, fused_launches):
     """The selected backend against the plain-torch one, bitwise, with and without guidance."""
     seed = case_rng.randrange(2**31)
     dims = [case_rng.randint(1, 9), case_rng.randint(1, 5)]
@@ -66,10 +67,11 @@ def test_backend_parity(device, method, dtype, case_rng):
                                      guidance=guidance, guidance_weight=weight))
         msg = f"{method} {dtype} guidance={guidance} w={weight} dims={dims} b={batch} seed={seed}"
         assert torch.equal(results[0][0], results[1][0]), msg
+        fused_launches.expect(5 * len(integrators.METHODS[method]), msg)  # the torch run: none
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_guidance_weight_one_is_plain_sampling(device, method):
+def test_guidance_weight_one_is_plain_sampling(device, method, fused_launches):
     dims = (16, 2)
     cond = make_field("contiguous", torch.bfloat16, dims)
     fm = FlowMatching(x_dims=dims, int_method=method, num_inference_steps=6)
@@ -78,9 +80,10 @@ def test_guidance_weight_one_is_plain_sampling(device, method):
     torch.manual_seed(5)
     guided = fm.sample(4, _guided(cond, lambda *, x, t: -3 * x), device=device, guidance=True)
     assert torch.equal(plain, guided)
+    fused_launches.expect(2 * 6 * len(integrators.METHODS[method]), method)
 
 
-def test_guidance_formula_and_default_weight(device):
+def test_guidance_formula_and_default_weight(device, fused_launches):
     dims = (8, 3)
     fc = lambda *, x, t: torch.sin(x) + t  # noqa: E731
     fu = lambda *, x, t: 0.5 * x  # noqa: E731
@@ -96,6 +99,7 @@ def test_guidance_formula_and_default_weight(device):
         vc, vu = fc(x=x, t=t), fu(x=x, t=t)
         x = x + (grid[i + 1] - grid[i]).view(1, 1, 1).expand(5, 1, 1) * (vu + w * (vc - vu))
     assert torch.equal(got, x)
+    fused_launches.expect(4, "guided euler")
     with pytest.raises(ValueError, match="needs guidance=True"):
         fm.sample(5, fc, guidance_weight=2.0)
 
@@ -128,7 +132,7 @@ def test_rk4_error_within_twice_plain_torch_float32(device):
 
 
 # ----------------------------------------------------------------------------- time grids
-def test_explicit_uniform_grid_is_the_default(device):
+def test_explicit_uniform_grid_is_the_default(device, fused_launches):
     fm = FlowMatching(x_dims=(6, 2), num_inference_steps=8)
     field = make_field("contiguous", torch.float32, [6, 2])
     torch.manual_seed(2)
@@ -137,9 +141,10 @@ def test_explicit_uniform_grid_is_the_default(device):
     b = fm.sample(3, field, device=device, return_all_steps=True,
                   timesteps=torch.linspace(0, 1, 9))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    fused_launches.expect(2 * 8, "default and explicit grid")
 
 
-def test_nonuniform_grid_matches_the_loop(device):
+def test_nonuniform_grid_matches_the_loop(device, fused_launches):
     ts = [0.0, 0.05, 0.2, 0.5, 0.9, 1.0]
     fm = FlowMatching(x_dims=5)
     field = make_field("strided", torch.bfloat16, [5])
@@ -151,6 +156,7 @@ def test_nonuniform_grid_matches_the_loop(device):
     for i in range(5):
         x = x + (g[i + 1] - g[i]).view(1, 1).expand(2, 1) * field(x=x, t=g[i].view(1, 1).expand(2, 1))
     assert torch.equal(states[:, -1], x) and torch.equal(grid, g)
+    fused_launches.expect(5, f"grid {ts}")
 
 
 def test_shift():
@@ -215,7 +221,7 @@ def test_generator_and_noise_reproduce(device):
     assert torch.equal(noise, before), "noise handed to us must not be written"
 
 
-def test_noise_euler_matches_oracle(device):
+def test_noise_euler_matches_oracle(device, fused_launches):
     fm = FlowMatching(x_dims=(7,), num_inference_steps=9)
     torch.manual_seed(3)
     ref = spec_sample((7,), 4, make_field("mixed", torch.float64, [7]), device=device, steps=9)
@@ -223,6 +229,7 @@ def test_noise_euler_matches_oracle(device):
     noise = torch.randn(4, 7, device=device)
     assert torch.equal(fm.sample(4, make_field("mixed", torch.float64, [7]), device=device,
                                  noise=noise), ref)
+    fused_launches.expect(9, "noise=, a mixed-dtype field")
 
 
 @pytest.mark.parametrize("noise, exc, match", [

@@ -99,10 +99,11 @@ def extent(t: Optional[torch.Tensor]) -> int:
 
 
 def offsets_fit_int32(*tensors: Optional[torch.Tensor]) -> bool:
-    """The one offset rule of every kernel: all offsets are 32-bit (cheaper address math, and
+    """The Triton kernels' offset rule: their offsets are 32-bit (cheaper address math, and
     64-bit division in the strided field's index math costs several times more), so every tensor
     a launch reads or writes - state, output, trajectory slot, field, accumulator - must span
-    fewer than 2**31 elements; past that (8.6 GB of float32) the reference op runs instead."""
+    fewer than 2**31 elements; past that (8.6 GB of float32) the reference op runs instead.
+    (The CUDA kernels index in 64 bits, 32-bit division only where sizes fit: no such limit.)"""
     return all(extent(t) < _INT32_LIMIT for t in tensors)
 
 
