@@ -214,6 +214,11 @@ def test_guided_field_is_called_first_so_random_fields_match(device, case_rng, f
     fused_launches.expect(5, f"seed={seed}")
 
 
+# inf * 0 = NaN on purpose: the Triton interpreter's NumPy arithmetic warns about it.
+NAN_ON_PURPOSE = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+@NAN_ON_PURPOSE
 @pytest.mark.parametrize("weight", [1.0, 0.0, -0.5])
 def test_nan_and_inf_fields_propagate_without_shortcuts(device, weight, fused_launches):
     """w = 1 is not vg itself: an inf in vu gives 0 * inf = NaN, as in the original."""
@@ -342,6 +347,7 @@ def test_mixed_dtypes_round_each_product_in_its_own_dtype():
 
 
 # --------------------------------------------------------------------- the fused guided update
+@NAN_ON_PURPOSE
 def test_fused_mix_matches_the_expression(target, case_rng):
     """Every backend that fuses the mix: one launch equals ``x + dt * ((1 - w) * vu + w * vg)``
     (as PyTorch evaluates it), every state x field dtype, layouts, inf/NaN, the trajectory slot."""
