@@ -165,7 +165,8 @@ class Sampling:
         fkeys, watches = zip(*(field_key(f) for f in fields))
         graph_device = cuda_device(plan.device)
         pool, order = self._graphs.pool(graph_device)
-        def build():
+
+        def build():  # the grid is built here, once per capture, not on every cached call
             held = plan.with_grid()
             return CapturedSampler(functools.partial(self._run, held, *fields), graph_device,
                                    pool=pool, order=order, keep_alive=False,
@@ -258,9 +259,9 @@ class _Plan(NamedTuple):
 
     def with_grid(self) -> "_Plan":
         """This plan with its grid built now, for a CUDA graph to hold as a static input (as an
-        explicit grid is): a replay then reruns none of the grid's kernels (``linspace``, and with a
-        shift its 8 elementwise ops and 2 fills) though their values never change. The same ops as an eager call's
-        :meth:`default_grid`, so the same bits."""
+        explicit grid is): a replay then reruns none of the grid's kernels (``linspace``; with a
+        shift, 8 elementwise ops and 2 fills more), whose values never change. The same ops as
+        an eager call's :meth:`default_grid`, so the same bits."""
         if self.grid_values is not None:
             return self
         return self._replace(grid_values=self.default_grid())
