@@ -129,12 +129,7 @@ class Sampling:
                             generator=plan.generator)
         if plan.temperature != 1.0:  # a separate float32 op, as Alpamayo 1.5; x * 1.0 == x bitwise
             x = x * plan.temperature
-        if plan.grid_values is not None:
-            values = plan.grid_values
-        else:
-            values = torch.linspace(0.0, 1.0, plan.steps + 1, device=plan.device)
-            if plan.shift is not None:
-                values = shifted_grid(values, plan.shift)
+        values = plan.grid_values if plan.grid_values is not None else plan.default_grid()
         batched = plan.guidance == "batch"
         grid = TimeGrid(values, 2 * plan.batch_size if batched else plan.batch_size, x.dim())
         trajectory = Trajectory(x, plan.steps) if plan.return_all_steps else None
@@ -170,9 +165,14 @@ class Sampling:
         fkeys, watches = zip(*(field_key(f) for f in fields))
         graph_device = cuda_device(plan.device)
         pool, order = self._graphs.pool(graph_device)
-        return self._graphs.call((*fkeys, plan.key()), watches, lambda: CapturedSampler(
-            run, graph_device, pool=pool, order=order, keep_alive=False,
-            static_inputs=(plan.grid_values,)), run)
+
+        def build():  # the grid is built here, once per capture, not on every cached call
+            held = plan.with_grid()
+            return CapturedSampler(functools.partial(self._run, held, *fields), graph_device,
+                                   pool=pool, order=order, keep_alive=False,
+                                   static_inputs=(held.grid_values,))
+
+        return self._graphs.call((*fkeys, plan.key()), watches, build, run)
 
     def _capture(self, fields: tuple, batch_size, device, warmup, options: "Options"):
         """``capture``'s body: one sampling call captured in a CUDA graph."""
@@ -182,9 +182,10 @@ class Sampling:
                 f"FlowMatching.capture needs a CUDA device; got {str(device)!r}. "
                 "On CPU, call FlowMatching.sample (eager) instead."
             )
-        plan = self._plan(batch_size, device, options, captured=True)
+        plan = self._plan(batch_size, device, options, captured=True).with_grid()
         run = functools.partial(self._run, plan, *fields)
-        return CapturedSampler(run, plan.device, warmup=warmup, generator=plan.generator)
+        return CapturedSampler(run, plan.device, warmup=warmup, generator=plan.generator,
+                               static_inputs=(plan.grid_values,))
 
     @property
     def graph_stats(self):
@@ -249,6 +250,21 @@ class _Plan(NamedTuple):
                 struct.pack("<dd", self.weight, self.temperature), self.grid_key, self.shift,
                 torch.get_default_dtype(),
                 (autocast, torch.get_autocast_dtype(device.type)) if autocast else False)
+
+    def default_grid(self) -> torch.Tensor:
+        """The grid without ``timesteps=``: ``linspace`` on the device, then the shift if any
+        (built afresh by every eager call: the caller owns what ``return_all_steps`` returns)."""
+        values = torch.linspace(0.0, 1.0, self.steps + 1, device=self.device)
+        return values if self.shift is None else shifted_grid(values, self.shift)
+
+    def with_grid(self) -> "_Plan":
+        """This plan with its grid built now, for a CUDA graph to hold as a static input (as an
+        explicit grid is): a replay then reruns none of the grid's kernels (``linspace``; with a
+        shift, 8 elementwise ops and 2 fills more), whose values never change. The same ops as
+        an eager call's :meth:`default_grid`, so the same bits."""
+        if self.grid_values is not None:
+            return self
+        return self._replace(grid_values=self.default_grid())
 
 
 def shifted_grid(values: torch.Tensor, shift: float) -> torch.Tensor:

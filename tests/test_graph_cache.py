@@ -1,6 +1,7 @@
 """The automatic CUDA-graph cache's policy and bookkeeping, checked on CPU with stand-in samplers
 (the captured samplers themselves: tests/test_graphs.py, on a GPU)."""
 
+import collections
 import gc
 import random
 import threading
@@ -9,6 +10,7 @@ import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from flowmatch_fast import FlowMatching, alpamayo1_5, flow_matching, sampling
 from flowmatch_fast.graph import GraphCache, field_key
@@ -179,25 +181,57 @@ def test_one_capture_per_signature_bound_and_no_overlapping_replays_under_thread
     assert s.first_calls + s.captures + s.replays + s.eager_fallbacks == 8 * 40
 
 
+class OpRecorder(TorchDispatchMode):
+    """The aten ops run under it, by name, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
 class RecordingCapture:
     """Stands in for ``CapturedSampler`` in the sampling path: the capture runs the loop once
-    (its outputs are the graph's buffers) and it holds what the real one holds: ``run`` only
-    with ``keep_alive``, the ``static_inputs`` always."""
+    (its outputs are the graph's buffers, ``ops`` the aten ops a graph would record) and it holds
+    what the real one holds: ``run`` only with ``keep_alive``, the ``static_inputs`` always."""
 
-    def __init__(self, run, device, pool=None, order=None, keep_alive=True, static_inputs=()):
+    def __init__(self, run, device, pool=None, order=None, keep_alive=True, static_inputs=(),
+                 warmup=2, generator=None):
         self._run = run if keep_alive else None
         self._static_inputs = tuple(static_inputs)
-        self.outputs = run()
+        with OpRecorder() as recorder:
+            self.outputs = run()
+        self.ops = recorder.ops
 
     def __call__(self):
+        if isinstance(self.outputs, tuple):
+            return tuple(t.clone() for t in self.outputs)
         return self.outputs.clone()
 
 
-def test_a_cached_graph_keeps_its_explicit_grid_alive(monkeypatch):
+@pytest.fixture
+def captures_on_cpu(monkeypatch):
+    """The sampling path of ``cuda_graph=True`` and ``capture`` run on CPU: everything before
+    the plan sees the CUDA device it was asked for, the plan is made for the CPU, captures are
+    ``RecordingCapture``s (returned, in order of capture)."""
+    made = []
+    plan = sampling.Sampling._plan
+    monkeypatch.setattr(sampling.Sampling, "_plan",
+                        lambda self, batch, device, options, captured=False:
+                        plan(self, batch, "cpu", options, captured))
+    monkeypatch.setattr(sampling, "cuda_device", lambda device: device)
+    monkeypatch.setattr(sampling, "CapturedSampler",
+                        lambda *a, **kw: made.append(RecordingCapture(*a, **kw)) or made[-1])
+    monkeypatch.setattr(GraphCache, "pool", lambda self, device: (None, None))
+    return made
+
+
+def test_a_cached_graph_keeps_its_explicit_grid_alive(monkeypatch, captures_on_cpu):
     """A graph captured by the cache for ``timesteps=[...]`` reads that call's grid tensor on
-    every replay: the cache entry must hold it after the call that made it is gone. The sampling
-    path runs on CPU here, under a plan made for the CPU and ``RecordingCapture`` for the capture;
-    everything before the plan sees a CUDA device."""
+    every replay: the cache entry must hold it after the call that made it is gone."""
     grids = []  # a weak reference to each call's device grid, as the plan got it
     check_timesteps = sampling._check_timesteps
 
@@ -206,15 +240,8 @@ def test_a_cached_graph_keeps_its_explicit_grid_alive(monkeypatch):
         grids.append(weakref.ref(values))
         return values, key
 
-    plan = sampling.Sampling._plan
     monkeypatch.setattr(sampling, "_check_timesteps", recording_check)
-    monkeypatch.setattr(sampling.Sampling, "_plan",
-                        lambda self, batch, device, options, captured=False:
-                        plan(self, batch, "cpu", options, captured))
-    monkeypatch.setattr(sampling, "cuda_device", lambda device: device)
-    monkeypatch.setattr(sampling, "CapturedSampler", RecordingCapture)
     fm = FlowMatching(x_dims=(5, 3), cuda_graph=True)
-    monkeypatch.setattr(fm.graph_cache, "pool", lambda device: (None, None))
     field = make_field()
     for _ in range(3):  # eager, capture, replay (return_all_steps=False: the grid is no output)
         fm.sample(4, field, device="cuda:0", timesteps=[0.0, 0.1, 0.35, 0.7, 1.0])
@@ -225,8 +252,72 @@ def test_a_cached_graph_keeps_its_explicit_grid_alive(monkeypatch):
     assert eager_grid() is None and replay_grid() is None, "an uncaptured call keeps nothing"
     assert captured_grid() is not None, "the cached graph's grid was freed: replays read freed memory"
     fm.clear_cuda_graphs()
+    captures_on_cpu.clear()
     gc.collect()
     assert captured_grid() is None, "the grid goes with its graph"
+
+
+def _default_grid_ops(steps, shift):
+    """The ops of the default grid as SPEC builds it: linspace, then the shift formula."""
+    with OpRecorder() as recorder:
+        values = torch.linspace(0.0, 1.0, steps + 1)
+        if shift is not None:
+            sampling.shifted_grid(values, shift)
+    return collections.Counter(recorder.ops)
+
+
+def _sampler_classes():
+    return [pytest.param(FlowMatching, id="r1"), pytest.param(alpamayo1_5.FlowMatching, id="1.5")]
+
+
+@pytest.mark.parametrize("cls", _sampler_classes())
+@pytest.mark.parametrize("how", ["cache", "capture"])
+@pytest.mark.parametrize("shift", [None, 3.0])
+def test_a_captured_run_builds_no_grid_the_graph_holds_it(cls, how, shift, captures_on_cpu):
+    """The default (or shifted) grid never changes between replays: it is built once before the
+    capture and held by the graph, so the captured run is the eager run less the grid's ops."""
+    fm = cls(x_dims=(5, 3), cuda_graph=True)
+    field = make_field()
+    for _ in range(2 if how == "cache" else 0):  # eager, then captured
+        fm.sample(4, field, device="cuda:0", shift=shift, cuda_graph=True)
+    if how == "capture":
+        fm.capture(4, field, device="cuda:0", shift=shift)
+    (graph,) = captures_on_cpu
+    with OpRecorder() as recorder:
+        fm.sample(4, field, device="cpu", shift=shift, cuda_graph=False)
+    eager, captured = collections.Counter(recorder.ops), collections.Counter(graph.ops)
+    assert "aten.linspace" in eager and "aten.linspace" not in captured
+    assert not captured - eager and eager - captured == _default_grid_ops(10, shift)
+    held = weakref.ref(graph._static_inputs[0])
+    if how == "cache":
+        gc.collect()
+        assert held() is not None, "the graph's grid must live as long as the graph"
+        fm.clear_cuda_graphs()
+        del graph
+        captures_on_cpu.clear()
+        gc.collect()
+        assert held() is None, "the grid goes with its graph"
+
+
+@pytest.mark.parametrize("cls", _sampler_classes())
+@pytest.mark.parametrize("steps", [1, 7, 10, 33])
+@pytest.mark.parametrize("shift", [None, 0.3, 3.0])
+def test_a_held_grid_is_the_eager_grid_bitwise_and_returned_as_the_callers(cls, steps, shift,
+                                                                          captures_on_cpu):
+    fm = cls(x_dims=(2, 3), cuda_graph=True)
+    field = make_field()
+    opts = dict(inference_step=steps, shift=shift, return_all_steps=True)
+    _, want = fm.sample(3, field, device="cpu", cuda_graph=False, **opts)
+    grids = [fm.sample(3, field, device="cuda:0", **opts)[1] for _ in range(3)]
+    grids.append(fm.capture(3, field, device="cuda:0", **opts)()[1])
+    assert len(captures_on_cpu) == 2  # the cache's graph, then the explicit capture
+    for graph in captures_on_cpu:
+        assert torch.equal(graph._static_inputs[0], want)
+    for grid in grids:  # eager, capture, replay; explicit capture's replay
+        assert torch.equal(grid, want) and grid.dtype == torch.float32
+        assert all(grid.data_ptr() != g._static_inputs[0].data_ptr() for g in captures_on_cpu)
+        grid.fill_(0.5)  # the caller's own: the next replay's grid is unchanged
+    assert torch.equal(fm.sample(3, field, device="cuda:0", **opts)[1], want)
 
 
 def _key(fm, **opts):

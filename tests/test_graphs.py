@@ -240,3 +240,81 @@ def test_capture_with_methods_guidance_grid_noise_and_generator():
     twin = torch.Generator(device="cuda").manual_seed(5)
     for _ in range(2):
         assert torch.equal(from_gen(), fm.sample(6, field, device="cuda", generator=twin))
+
+
+def _replay_kernels(replay) -> int:
+    """The kernels (and memory ops) the device ran for one ``replay()``, as the profiler sees
+    them (CUPTI reports a graph's kernels one by one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    replay()  # warm: lazy inits stay out of the count
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        replay()
+        torch.cuda.synchronize()
+    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("how", ["capture", "cache"])
+def test_a_w1_replay_runs_the_field_the_noise_draw_and_one_update_per_step(backend, how):
+    """W1 (R1 class, Euler, 10 steps, batch 6): nothing else in the graph, the time grid
+    included (built once before the capture), and the replay is the eager ``sample``."""
+    from flowmatch_fast import backends as b
+    from flowmatch_fast.kernels.contract import TimeGrid
+
+    reason = b.unavailable_reason(backend, torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    steps, batch = 10, 6
+    fm = FlowMatching(x_dims=(64, 2), backend=backend, num_inference_steps=steps)
+    field = _mlp_field((64, 2), "cuda")
+    t_views = TimeGrid(torch.linspace(0.0, 1.0, steps + 1, device="cuda"), batch, 3).t_views
+    # The floor: the noise draw and the field's calls, alone in a graph. Drawing in both graphs
+    # also makes the RNG's per-replay bookkeeping (outside the graph) the same in both counts.
+    def noise_and_field():
+        x = torch.randn(batch, 64, 2, device="cuda")
+        return [field(x=x, t=t) for t in t_views]
+
+    floor, _ = capture_callable(noise_and_field)
+    floor_kernels = _replay_kernels(floor.replay)
+    if floor_kernels == 0:
+        pytest.skip("this profiler does not see the kernels inside a CUDA graph replay")
+    if how == "capture":
+        sampler = fm.capture(batch, field, device="cuda")
+        ours = _replay_kernels(lambda: sampler(static_output=True))
+        replay = sampler
+    else:
+        def replay():
+            return fm.sample(batch, field, device="cuda", cuda_graph=True)
+        replay(), replay()  # eager, then captured
+        assert fm.graph_stats.captures == 1
+        ours = _replay_kernels(replay) - 1  # the copy of the graph's output the caller gets
+    assert ours == floor_kernels + steps, "beyond the noise and the field: one update per step"
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        want = fm.sample(batch, field, device="cuda")
+        torch.manual_seed(seed)
+        assert torch.equal(replay(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shift", [None, 3.0])
+def test_replays_of_both_classes_with_a_held_grid_are_bitwise_eager(shift):
+    from flowmatch_fast import alpamayo1_5
+
+    field = _mlp_field((64, 2), "cuda")
+    for fm in (FlowMatching(x_dims=(64, 2)), alpamayo1_5.FlowMatching(x_dims=(64, 2))):
+        opts = dict(shift=shift, return_all_steps=True, inference_step=7)
+        captured = fm.capture(6, field, device="cuda", **opts)
+        for seed in (1, 2, 3):  # the cache: eager, capture, replay; the explicit capture
+            torch.manual_seed(seed)
+            want = fm.sample(6, field, device="cuda", cuda_graph=False, **opts)
+            for got_of in (lambda: fm.sample(6, field, device="cuda", cuda_graph=True, **opts),
+                           captured):
+                torch.manual_seed(seed)
+                got = got_of()
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+                got[1].fill_(0.5)  # the caller's own copy: later replays keep their grid
+        assert fm.graph_stats.captures == 1 and fm.graph_stats.replays == 1
