@@ -137,7 +137,9 @@ class Sampling:
         x = integrate(plan.method, x, grid, step_fn, plan.backend, trajectory, guidance,
                       unguided_fn)
         if plan.return_all_steps:
-            return trajectory.states, values
+            # A grid the plan holds (explicit, or built for a graph) is read by every replay:
+            # hand out a copy, so that writing into a static output cannot change later calls.
+            return trajectory.states, values if plan.grid_values is None else values.clone()
         return x
 
     def _sample(self, fields: tuple, batch_size, device, cuda_graph, options: "Options"):

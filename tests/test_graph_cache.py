@@ -320,6 +320,20 @@ def test_a_held_grid_is_the_eager_grid_bitwise_and_returned_as_the_callers(cls, 
     assert torch.equal(fm.sample(3, field, device="cuda:0", **opts)[1], want)
 
 
+@pytest.mark.parametrize("cls", _sampler_classes())
+@pytest.mark.parametrize("timesteps", [None, [0.0, 0.1, 0.35, 0.7, 1.0]])
+def test_a_static_output_grid_is_not_the_grid_the_graph_reads(cls, timesteps, captures_on_cpu):
+    """``sampler(static_output=True)`` hands out the graph's own output buffers: with
+    ``return_all_steps`` the grid among them must be a copy made inside the run, not the held
+    grid every replay reads, or a write into it would change every later call."""
+    fm = cls(x_dims=(2, 3))
+    fm.capture(3, make_field(), device="cuda:0", return_all_steps=True, timesteps=timesteps)
+    graph, = captures_on_cpu
+    states, grid = graph.outputs  # what static_output=True returns
+    held = graph._static_inputs[0]
+    assert torch.equal(grid, held) and grid.data_ptr() != held.data_ptr()
+
+
 def _key(fm, **opts):
     """A call's cache key: the R1 class's ``guidance=`` / ``guidance_weight=`` as its ``sample``
     takes them, the 1.5 class's plan options (``guidance="mix"``, ``weight``) as they are."""
