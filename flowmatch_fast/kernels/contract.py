@@ -110,9 +110,15 @@ def stage_dtype(x_dtype, k: torch.Tensor, acc: Optional[torch.Tensor]) -> torch.
     return c if acc is None else torch.promote_types(c, acc.dtype)
 
 
-def kernel_supports(x: torch.Tensor, v: torch.Tensor) -> bool:
-    """The (state, field) pairs every fused kernel covers, given the field as
-    :func:`kernel_readable` makes it; each backend's ``supports`` adds its own limits."""
+def kernel_supports(x: torch.Tensor, v: torch.Tensor,
+                    v_uncond: Optional[torch.Tensor] = None) -> bool:
+    """The (state, field[, second field]) calls every fused kernel covers, given the fields as
+    :func:`kernel_readable` makes them; each backend's ``supports`` adds its own limits. A second
+    field (guidance, either form) must have the first one's dtype: Alpamayo 1.5's mix of two
+    dtypes rounds each product in its own dtype, which the kernels do not compile for."""
+    if v_uncond is not None and not (v_uncond.dtype == v.dtype
+                                     and v_uncond.layout == torch.strided):
+        return False
     return (x.dtype in KERNEL_STATE_DTYPES and v.dtype in KERNEL_FIELD_DTYPES and v.dim() > 0
             and v.layout == torch.strided)
 
@@ -162,7 +168,7 @@ class Guidance(NamedTuple):
       literally, each product rounded in its field's dtype as PyTorch evaluates it with ``w`` a
       Python float. A kernel fuses it for two strided fields of one dtype only.
 
-    A step receives it as ``(v_uncond, guidance_weight, mix)``.
+    A launch receives it as ``(guidance_weight, mix)``, beside ``v_uncond``.
     """
 
     mode: str = "none"

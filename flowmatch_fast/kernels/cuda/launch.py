@@ -28,10 +28,7 @@ def supports(x, v, acc=None, v_uncond=None, mix=False, out=None, traj=None) -> b
     ``C = promote(state, field)`` and contiguous, an accumulator of the state's shape that does
     not widen ``C`` (a float32 state and field after a float64 field call: the kernel, compiled
     for ``C``, does not hold float64)."""
-    if not (kernel_supports(x, v) and x.is_contiguous()):
-        return False
-    if v_uncond is not None and not (v_uncond.dtype == v.dtype
-                                     and v_uncond.layout == torch.strided):
+    if not (kernel_supports(x, v, v_uncond) and x.is_contiguous()):
         return False
     if out is not None and not (out.dtype == result_dtype(x.dtype, v) and out.is_contiguous()):
         return False

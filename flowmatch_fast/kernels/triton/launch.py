@@ -109,12 +109,10 @@ def offsets_fit_int32(*tensors: Optional[torch.Tensor]) -> bool:
 
 def supports(x, v, acc=None, v_uncond=None, mix=False, out=None, traj=None) -> bool:
     """Whether the kernels take this call (else the integrators run the reference step): the
-    kernels' dtypes and strided fields, a float32/float64 accumulator, Alpamayo 1.5's mix for
-    two strided fields of one dtype only (mixed dtypes round each product in its own dtype), and
-    every offset 32-bit (:func:`offsets_fit_int32`; a fresh ``out`` spans what ``x`` does)."""
-    if mix and not (v_uncond.dtype == v.dtype and v_uncond.layout == torch.strided):
-        return False
-    return (kernel_supports(x, v) and (acc is None or acc.dtype in KERNEL_STATE_DTYPES)
+    kernels' dtypes and strided fields (a second field of the first one's dtype), a
+    float32/float64 accumulator, and every offset 32-bit (:func:`offsets_fit_int32`; a fresh
+    ``out`` spans what ``x`` does)."""
+    return (kernel_supports(x, v, v_uncond) and (acc is None or acc.dtype in KERNEL_STATE_DTYPES)
             and offsets_fit_int32(x, out, traj, v, v_uncond, acc))
 
 
