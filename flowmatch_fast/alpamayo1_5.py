@@ -15,7 +15,8 @@ import torch
 
 from . import base
 from .base import StepFn
-from .sampling import Options, Sampling, _check_real
+from .arguments import check_real
+from .sampling import Options, Sampling
 from .graph import CapturedSampler
 
 __all__ = ["BaseDiffusion", "FlowMatching", "StepFn"]
@@ -70,7 +71,7 @@ class FlowMatching(Sampling, BaseDiffusion):
             w = (self.inference_guidance_weight if inference_guidance_weight is None
                  else inference_guidance_weight)
             fields, guidance = (unguided_step_fn,), "mix"
-            weight = _check_real("inference_guidance_weight", w)
+            weight = check_real("inference_guidance_weight", w)
         return fields, Options(return_all_steps, inference_step, int_method, guidance, weight,
                                temperature, timesteps, shift, noise, generator)
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from .base import BaseDiffusion, StepFn, warn_unknown_keywords
 from .graph import CapturedSampler
-from .sampling import INT_METHODS, Options, Sampling, _check_bool, _check_real
+from .arguments import check_bool, check_real
+from .sampling import INT_METHODS, Options, Sampling
 
 __all__ = ["FlowMatching", "INT_METHODS", "Options", "TIMESTEP_SAMPLERS"]
 
@@ -21,14 +22,14 @@ def _r1_options(fm, return_all_steps=False, inference_step=None, int_method=None
                 guidance_weight=None, timesteps=None, shift=None, noise=None,
                 generator=None) -> Options:
     """The R1 class's call as :class:`Options`; ``guidance=`` / ``guidance_weight=`` checked."""
-    guidance = _check_bool("guidance", guidance)
+    guidance = check_bool("guidance", guidance)
     if guidance_weight is not None:
-        weight = _check_real("guidance_weight", guidance_weight)
+        weight = check_real("guidance_weight", guidance_weight)
         if not guidance:
             raise ValueError("guidance_weight= needs guidance=True (the doubled-batch field "
                              "protocol)")
     elif guidance:  # the original never reads inference_guidance_weight: only guidance does
-        weight = _check_real("inference_guidance_weight", fm.inference_guidance_weight)
+        weight = check_real("inference_guidance_weight", fm.inference_guidance_weight)
     else:
         weight = 1.0
     return Options(return_all_steps, inference_step, int_method, "batch" if guidance else None,

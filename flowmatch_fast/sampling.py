@@ -7,53 +7,18 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import struct
 from typing import NamedTuple, Optional
 
 import torch
 
-from . import backends
+from . import arguments, backends
 from .base import as_int
 from .graph import CapturedSampler, GraphCache, cuda_device, field_key, warn_not_cuda
 from .integrators import METHODS, Trajectory, integrate
 from .kernels.contract import Guidance, TimeGrid
 
 INT_METHODS = tuple(METHODS)
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-    value = as_int(name, value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} ({value!r})")
-    return value
-
-
-def _check_real(name: str, value) -> float:
-    """A real number (int, float, NumPy scalar) as a Python float; not a bool, str or tensor."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
-    return float(value)
-
-
-def _sampling_device(device) -> torch.device:
-    """``device=None`` means PyTorch's default device, as ``torch.randn(..., device=None)``."""
-    return torch.get_default_device() if device is None else torch.device(device)
-
-
-def _same_device(actual: torch.device, device: torch.device) -> bool:
-    """``actual`` (a tensor's or generator's) is the sampling ``device``; a CUDA device without
-    an index is the current one."""
-    def index(d):
-        return torch.cuda.current_device() if d.type == "cuda" and d.index is None else d.index
-
-    return actual.type == device.type and index(actual) == index(device)
 
 
 class Sampling:
@@ -66,11 +31,11 @@ class Sampling:
         """Validate and keep the options both classes share (their attributes of those names)."""
         if int_method not in INT_METHODS:
             raise ValueError(f"int_method must be one of {INT_METHODS}; got {int_method!r}")
-        _check_positive_int("num_inference_steps", num_inference_steps)
+        arguments.check_positive_int("num_inference_steps", num_inference_steps)
         self.int_method = int_method
         self.num_inference_steps = num_inference_steps
         self.backend = backends.check_backend_name(backend)
-        self.cuda_graph = _check_bool("cuda_graph", cuda_graph)
+        self.cuda_graph = arguments.check_bool("cuda_graph", cuda_graph)
         self._graphs = GraphCache(max_graphs)
         self._warned_not_cuda = False
 
@@ -79,15 +44,15 @@ class Sampling:
         (``options.weight``: already checked by the class, read only under guidance)."""
         (return_all_steps, inference_step, int_method, guidance, weight, temperature, timesteps,
          shift, noise, generator) = options
-        batch_size = _check_positive_int("batch_size", batch_size, minimum=0)
-        device = _sampling_device(device)
+        batch_size = arguments.check_positive_int("batch_size", batch_size, minimum=0)
+        device = arguments.sampling_device(device)
         method = self.int_method if int_method is None else int_method
         if method not in INT_METHODS:
             raise ValueError(f"int_method must be one of {INT_METHODS}; got {method!r}")
         if timesteps is not None:
             if shift is not None:
                 raise ValueError("give either timesteps= or shift=, not both")
-            grid_values, grid_key = _check_timesteps(timesteps, device)
+            grid_values, grid_key = arguments.check_timesteps(timesteps, device)
             steps = grid_values.numel() - 1
             if inference_step is not None and as_int("inference_step", inference_step) != steps:
                 raise ValueError(f"inference_step={inference_step} but timesteps has {steps + 1} "
@@ -95,25 +60,14 @@ class Sampling:
         else:
             grid_values = grid_key = None
             steps = self.num_inference_steps if inference_step is None else inference_step
-            steps = _check_positive_int("inference_step", steps)
-        if shift is not None:
-            if (isinstance(shift, bool) or not isinstance(shift, numbers.Real)
-                    or not math.isfinite(shift) or not shift > 0):
-                raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
-            shift = None if shift == 1 else float(shift)
-            if shift is not None:
-                _check_shifted_grid(steps, shift)
-        temperature = _check_real("temperature", temperature)
+            steps = arguments.check_positive_int("inference_step", steps)
+        shift = arguments.check_shift(shift, steps)
+        temperature = arguments.check_real("temperature", temperature)
         if noise is not None:
             if generator is not None:
                 raise ValueError("give either noise= or generator=, not both (noise draws nothing)")
-            _check_noise(noise, (batch_size, *self.x_dims), device)
-        if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-            if not _same_device(generator.device, device):
-                raise ValueError(f"generator is on {generator.device}; expected one on the "
-                                 f"sampling device {device}")
+            arguments.check_noise(noise, (batch_size, *self.x_dims), device)
+        arguments.check_generator(generator, device)
         numel = batch_size * math.prod(self.x_dims)
         backend = backends.resolve(self.backend, device, numel, captured)
         return _Plan(batch_size, device, tuple(self.x_dims), steps, method,
@@ -146,8 +100,8 @@ class Sampling:
         """``sample``'s body: eager, or through the graph cache keyed on every field's identity
         (``fields``: the fields the plan calls, guided first; each watched for eviction) and
         the plan."""
-        use_graph = self.cuda_graph if cuda_graph is None else _check_bool("cuda_graph", cuda_graph)
-        device = _sampling_device(device)
+        use_graph = self.cuda_graph if cuda_graph is None else arguments.check_bool("cuda_graph", cuda_graph)
+        device = arguments.sampling_device(device)
         on_cuda = device.type == "cuda"
         in_user_graph = on_cuda and not torch.compiler.is_compiling() and _capturing(device)
         # The cache serves CUDA calls outside the caller's own capture, and not noise=/generator=:
@@ -178,7 +132,7 @@ class Sampling:
 
     def _capture(self, fields: tuple, batch_size, device, warmup, options: "Options"):
         """``capture``'s body: one sampling call captured in a CUDA graph."""
-        device = _sampling_device(device)
+        device = arguments.sampling_device(device)
         if device.type != "cuda":
             raise RuntimeError(
                 f"FlowMatching.capture needs a CUDA device; got {str(device)!r}. "
@@ -257,7 +211,7 @@ class _Plan(NamedTuple):
         """The grid without ``timesteps=``: ``linspace`` on the device, then the shift if any
         (built afresh by every eager call: the caller owns what ``return_all_steps`` returns)."""
         values = torch.linspace(0.0, 1.0, self.steps + 1, device=self.device)
-        return values if self.shift is None else shifted_grid(values, self.shift)
+        return values if self.shift is None else arguments.shifted_grid(values, self.shift)
 
     def with_grid(self) -> "_Plan":
         """This plan with its grid built now, for a CUDA graph to hold as a static input (as an
@@ -269,37 +223,6 @@ class _Plan(NamedTuple):
         return self._replace(grid_values=self.default_grid())
 
 
-def shifted_grid(values: torch.Tensor, shift: float) -> torch.Tensor:
-    """SD3's shift on the noise level ``s = 1 - t``: ``s' = shift * s / (1 + (shift - 1) * s)``.
-
-    ``shift > 1`` spends more steps at high noise. Computed on the grid's device in float64 (no
-    overflow for any finite shift), rounded to float32; the end points are set to exactly 0 and 1.
-    """
-    s = 1.0 - values.double()
-    out = (1.0 - (shift * s) / (1.0 + (shift - 1.0) * s)).float()
-    out[0] = 0.0
-    out[-1] = 1.0
-    return out
-
-
-@backends.trace_time_constant  # run on the host when torch.compile traces sample, not traced
-def _check_shifted_grid(steps: int, shift: float) -> bool:
-    """Reject a shift whose grid has zero-length steps in float32: e.g. 1e-30 puts every point
-    at 1, 1e30 every point at 0. Checked on the host with the formula the device runs on its
-    own ``linspace``."""
-    return _check_shifted_grid_cached(steps, shift)
-
-
-@functools.lru_cache(maxsize=64)
-def _check_shifted_grid_cached(steps: int, shift: float) -> bool:
-    grid = shifted_grid(torch.linspace(0.0, 1.0, steps + 1), shift)
-    if not bool((grid[1:] > grid[:-1]).all()):
-        raise ValueError(f"shift={shift!r} gives {steps} steps a time grid that is not strictly "
-                         f"increasing in float32 ({grid.tolist()[:4]} ...): zero-length steps; "
-                         "use a shift closer to 1 or fewer steps")
-    return True
-
-
 def _capturing(device: torch.device) -> bool:
     """True while ``device``'s current stream is being captured (the caller's own graph)."""
     if not torch.cuda.is_available():
@@ -308,43 +231,3 @@ def _capturing(device: torch.device) -> bool:
         return torch.cuda.is_current_stream_capturing()
 
 
-def _check_timesteps(timesteps, device: torch.device):
-    """Validate an explicit grid on the host; return it as float32 on ``device``, and its values."""
-    if isinstance(timesteps, torch.Tensor):
-        if timesteps.device.type != "cpu" and not _same_device(timesteps.device, device):
-            raise ValueError(f"timesteps is on {timesteps.device}; expected the sampling device "
-                             f"{device} or the CPU")
-        if not timesteps.is_floating_point():
-            raise ValueError(f"timesteps must be floating point, got {timesteps.dtype}")
-        # a private contiguous copy (a sync for a CUDA tensor): never the caller's storage
-        host = timesteps.detach().to("cpu", torch.float32).contiguous().clone()
-    else:
-        try:
-            host = torch.tensor(list(timesteps), dtype=torch.float32)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"timesteps must be a 1-D sequence of floats or a tensor ({exc})") from None
-    if host.dim() != 1 or host.numel() < 2:
-        raise ValueError(f"timesteps must be 1-D with T + 1 >= 2 entries, got shape {tuple(host.shape)}")
-    if host[0].item() != 0.0 or host[-1].item() != 1.0:
-        raise ValueError(f"timesteps must start at 0 and end at 1 (noise to data), got "
-                         f"{host[0].item()} ... {host[-1].item()}")
-    steps = host[1:] - host[:-1]
-    if not bool((steps > 0).all()):
-        bad = int((~(steps > 0)).nonzero()[0])  # NaN compares false: caught here too
-        raise ValueError(f"timesteps must be strictly increasing (in float32); entry {bad + 1} "
-                         f"({host[bad + 1].item()}) does not exceed entry {bad} ({host[bad].item()})")
-    return host.to(device), struct.pack(f"<{host.numel()}f", *host.tolist())
-
-
-def _check_noise(noise, shape, device: torch.device) -> None:
-    if not isinstance(noise, torch.Tensor):
-        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
-    if tuple(noise.shape) != tuple(shape):
-        raise ValueError(f"noise must have shape {tuple(shape)} (batch_size, *x_dims); got "
-                         f"{tuple(noise.shape)}")
-    if noise.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"noise must be float32 or float64, got {noise.dtype}")
-    if not _same_device(noise.device, device):
-        raise ValueError(f"noise is on {noise.device}; expected the sampling device {device}")
-    if not noise.is_contiguous():
-        raise ValueError("noise must be contiguous (it is handed to step_fn as the first state)")

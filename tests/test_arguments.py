@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowmatch_fast import FlowMatching, sampling
+from flowmatch_fast import FlowMatching, arguments, sampling
 from flowmatch_fast.alpamayo1_5 import FlowMatching as FlowMatching1_5
 from oracle import spec_sample, spec_sample_1_5
 
@@ -99,7 +99,7 @@ def test_unknown_keywords_are_accepted_with_one_warning_per_name():
 
 def test_cuda_without_an_index_is_the_current_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    same = sampling._same_device
+    same = arguments.same_device
     assert same(torch.device("cuda", 1), torch.device("cuda"))
     assert not same(torch.device("cuda", 0), torch.device("cuda"))
     assert not same(torch.device("cuda", 1), torch.device("cuda", 0))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flowmatch_fast import FlowMatching, alpamayo1_5, flow_matching, sampling
+from flowmatch_fast import FlowMatching, alpamayo1_5, arguments, flow_matching, sampling
 from flowmatch_fast.graph import GraphCache, field_key
 
 
@@ -233,14 +233,14 @@ def test_a_cached_graph_keeps_its_explicit_grid_alive(monkeypatch, captures_on_c
     """A graph captured by the cache for ``timesteps=[...]`` reads that call's grid tensor on
     every replay: the cache entry must hold it after the call that made it is gone."""
     grids = []  # a weak reference to each call's device grid, as the plan got it
-    check_timesteps = sampling._check_timesteps
+    check_timesteps = arguments.check_timesteps
 
     def recording_check(timesteps, device):
         values, key = check_timesteps(timesteps, device)
         grids.append(weakref.ref(values))
         return values, key
 
-    monkeypatch.setattr(sampling, "_check_timesteps", recording_check)
+    monkeypatch.setattr(arguments, "check_timesteps", recording_check)
     fm = FlowMatching(x_dims=(5, 3), cuda_graph=True)
     field = make_field()
     for _ in range(3):  # eager, capture, replay (return_all_steps=False: the grid is no output)
@@ -262,7 +262,7 @@ def _default_grid_ops(steps, shift):
     with OpRecorder() as recorder:
         values = torch.linspace(0.0, 1.0, steps + 1)
         if shift is not None:
-            sampling.shifted_grid(values, shift)
+            arguments.shifted_grid(values, shift)
     return collections.Counter(recorder.ops)
 
 

@@ -1,0 +1,148 @@
+"""Checks of one sampling call's arguments, shared by every class: each returns the value as
+the sampler uses it or raises an error naming the argument, what was expected and what came.
+Also the grids an argument describes (SD3's shift), built the same way on host and device."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import struct
+
+import torch
+
+from . import backends
+from .base import as_int
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    value = as_int(name, value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def check_real(name: str, value) -> float:
+    """A real number (int, float, NumPy scalar) as a Python float; not a bool, str or tensor."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
+    return float(value)
+
+
+def sampling_device(device) -> torch.device:
+    """``device=None`` means PyTorch's default device, as ``torch.randn(..., device=None)``."""
+    return torch.get_default_device() if device is None else torch.device(device)
+
+
+def same_device(actual: torch.device, device: torch.device) -> bool:
+    """``actual`` (a tensor's or generator's) is the sampling ``device``; a CUDA device without
+    an index is the current one."""
+    def index(d):
+        return torch.cuda.current_device() if d.type == "cuda" and d.index is None else d.index
+
+    return actual.type == device.type and index(actual) == index(device)
+
+
+
+def check_shift(shift, steps: int):
+    """SD3's ``shift=`` as a float, or ``None`` when absent or 1 (the plain grid)."""
+    if shift is None:
+        return None
+    if (isinstance(shift, bool) or not isinstance(shift, numbers.Real)
+            or not math.isfinite(shift) or not shift > 0):
+        raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+    if shift == 1:
+        return None
+    check_shifted_grid(steps, float(shift))
+    return float(shift)
+
+
+def check_generator(generator, device: torch.device) -> None:
+    """``generator=``: ``None`` or a ``torch.Generator`` on the sampling device."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if not same_device(generator.device, device):
+        raise ValueError(f"generator is on {generator.device}; expected one on the "
+                         f"sampling device {device}")
+
+
+def shifted_grid(values: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's shift on the noise level ``s = 1 - t``: ``s' = shift * s / (1 + (shift - 1) * s)``.
+
+    ``shift > 1`` spends more steps at high noise. Computed on the grid's device in float64 (no
+    overflow for any finite shift), rounded to float32; the end points are set to exactly 0 and 1.
+    """
+    s = 1.0 - values.double()
+    out = (1.0 - (shift * s) / (1.0 + (shift - 1.0) * s)).float()
+    out[0] = 0.0
+    out[-1] = 1.0
+    return out
+
+
+@backends.trace_time_constant  # run on the host when torch.compile traces sample, not traced
+def check_shifted_grid(steps: int, shift: float) -> bool:
+    """Reject a shift whose grid has zero-length steps in float32: e.g. 1e-30 puts every point
+    at 1, 1e30 every point at 0. Checked on the host with the formula the device runs on its
+    own ``linspace``."""
+    return check_shifted_grid_cached(steps, shift)
+
+
+@functools.lru_cache(maxsize=64)
+def check_shifted_grid_cached(steps: int, shift: float) -> bool:
+    grid = shifted_grid(torch.linspace(0.0, 1.0, steps + 1), shift)
+    if not bool((grid[1:] > grid[:-1]).all()):
+        raise ValueError(f"shift={shift!r} gives {steps} steps a time grid that is not strictly "
+                         f"increasing in float32 ({grid.tolist()[:4]} ...): zero-length steps; "
+                         "use a shift closer to 1 or fewer steps")
+    return True
+
+
+
+def check_timesteps(timesteps, device: torch.device):
+    """Validate an explicit grid on the host; return it as float32 on ``device``, and its values."""
+    if isinstance(timesteps, torch.Tensor):
+        if timesteps.device.type != "cpu" and not same_device(timesteps.device, device):
+            raise ValueError(f"timesteps is on {timesteps.device}; expected the sampling device "
+                             f"{device} or the CPU")
+        if not timesteps.is_floating_point():
+            raise ValueError(f"timesteps must be floating point, got {timesteps.dtype}")
+        # a private contiguous copy (a sync for a CUDA tensor): never the caller's storage
+        host = timesteps.detach().to("cpu", torch.float32).contiguous().clone()
+    else:
+        try:
+            host = torch.tensor(list(timesteps), dtype=torch.float32)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"timesteps must be a 1-D sequence of floats or a tensor ({exc})") from None
+    if host.dim() != 1 or host.numel() < 2:
+        raise ValueError(f"timesteps must be 1-D with T + 1 >= 2 entries, got shape {tuple(host.shape)}")
+    if host[0].item() != 0.0 or host[-1].item() != 1.0:
+        raise ValueError(f"timesteps must start at 0 and end at 1 (noise to data), got "
+                         f"{host[0].item()} ... {host[-1].item()}")
+    steps = host[1:] - host[:-1]
+    if not bool((steps > 0).all()):
+        bad = int((~(steps > 0)).nonzero()[0])  # NaN compares false: caught here too
+        raise ValueError(f"timesteps must be strictly increasing (in float32); entry {bad + 1} "
+                         f"({host[bad + 1].item()}) does not exceed entry {bad} ({host[bad].item()})")
+    return host.to(device), struct.pack(f"<{host.numel()}f", *host.tolist())
+
+
+def check_noise(noise, shape, device: torch.device) -> None:
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+    if tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise must have shape {tuple(shape)} (batch_size, *x_dims); got "
+                         f"{tuple(noise.shape)}")
+    if noise.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"noise must be float32 or float64, got {noise.dtype}")
+    if not same_device(noise.device, device):
+        raise ValueError(f"noise is on {noise.device}; expected the sampling device {device}")
+    if not noise.is_contiguous():
+        raise ValueError("noise must be contiguous (it is handed to step_fn as the first state)")
