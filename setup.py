@@ -39,7 +39,7 @@ from packaging.version import Version
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "flowmatch_fast._cuda_euler"
 # The two kernel files compile in parallel (ninja runs them side by side).
-KERNEL_SOURCES = (os.path.join("csrc", "euler_kernel.cu"), os.path.join("csrc", "stage_kernel.cu"))
+KERNEL_SOURCES = tuple(os.path.join("csrc", f"{k}_kernel.cu") for k in ("euler", "stage", "sde"))
 HEADERS = tuple(os.path.join("csrc", h) for h in ("api.h", "common.cuh", "launch.cuh"))
 BINDING_SOURCE = os.path.join("csrc", "binding.cpp")
 SKIP_ENV = "FLOWMATCH_FAST_SKIP_CUDA_BUILD"

@@ -71,15 +71,24 @@ struct StageArgs {
   bool from_acc;
 };
 
+// What only the SDE step takes (see sde_kernel.cu); StepArgs::grid_step points at the step's
+// row of the grid's table, StepArgs::out at the float32 next state (unused when replaying).
+struct SdeArgs {
+  const float* noise;  // contiguous: the step's noise, or the stored next state (replay)
+  float* lp;           // contiguous: the per-element log-probability
+  bool replay;
+};
+
 // Launch status: cudaSuccess, a CUDA error, or cudaErrorInvalidValue for codes, modes or ranks
 // the kernels do not know.
 cudaError_t launch_euler_step(const StepArgs& a, const Target& t);
 cudaError_t launch_stage_step(const StepArgs& a, const StageArgs& s, const Target& t);
+cudaError_t launch_sde_step(const StepArgs& a, const SdeArgs& s, const Target& t);
 
 // What the host emulation launched last (tests read it to see the launcher's decisions).
 struct HostLaunch {
-  int64_t count[2];  // launches so far: [0] Euler, [1] stage
-  int kernel;        // 0 Euler, 1 stage (the last launch)
+  int64_t count[3];  // launches so far: [0] Euler, [1] stage, [2] SDE
+  int kernel;        // 0 Euler, 1 stage, 2 SDE (the last launch)
   bool contiguous;   // the field is laid out like the state
   bool vectorized;   // the vector path was taken (every pointer aligned, rows whole vectors)
   bool index32;      // 32-bit fast division

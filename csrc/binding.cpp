@@ -194,6 +194,25 @@ void stage_step(uintptr_t x, int state_code, uintptr_t k, uintptr_t k_uncond, in
              [&](const Target& t) { return launch_stage_step(c.args, st, t); });
 }
 
+// The SDE step: the state, out, the trajectory slot, noise and lp are contiguous float32 (out
+// unused when replaying); `table` is the grid's [T, 7] float32 table, `step` its row.
+void sde_step(uintptr_t x, uintptr_t v, uintptr_t v_uncond, int field_code, int mode,
+              uintptr_t table, int64_t step, uintptr_t noise, bool replay, uintptr_t out,
+              uintptr_t traj, int64_t traj_row, int64_t traj_stride, uintptr_t lp,
+              const std::vector<int64_t>& sizes, const std::vector<int64_t>& field_strides,
+              double guidance_weight, int device, uintptr_t stream) {
+  if (step < 0) throw py::value_error("flowmatch_fast._cuda_euler: negative step index");
+  Checked c;  // the table's row as the "grid" pointer: 7 floats per step
+  check_launch(c, x, kF32, v, v_uncond, field_code, mode, replay ? lp : out, false, traj,
+               traj_row, traj_stride, sizes, field_strides, table, 7 * step, guidance_weight,
+               device);
+  if (c.args.n == 0) return;
+  if (noise == 0 || lp == 0) throw py::value_error("flowmatch_fast._cuda_euler: null tensor pointer");
+  const SdeArgs sa{reinterpret_cast<const float*>(noise), reinterpret_cast<float*>(lp), replay};
+  run_launch(device, stream, "the SDE kernel launch",
+             [&](const Target& t) { return launch_sde_step(c.args, sa, t); });
+}
+
 int device_count() {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
@@ -261,6 +280,14 @@ PYBIND11_MODULE(_cuda_euler, m) {
         py::arg("grid"), py::arg("step"), py::arg("coef"), py::arg("acc_w2"),
         py::arg("from_acc"), py::arg("guidance_weight"), py::arg("device"), py::arg("stream"),
         "Launch one Runge-Kutta stage (reference.stage_step's arithmetic); devices as euler_step.");
+  m.def("sde_step", &sde_step, py::arg("x"), py::arg("v"), py::arg("v_uncond"),
+        py::arg("field_code"), py::arg("mode"), py::arg("table"), py::arg("step"),
+        py::arg("noise"), py::arg("replay"), py::arg("out"), py::arg("traj"),
+        py::arg("traj_row"), py::arg("traj_stride"), py::arg("lp"), py::arg("sizes"),
+        py::arg("field_strides"), py::arg("guidance_weight"), py::arg("device"),
+        py::arg("stream"),
+        "Launch one step of the RL recipes' SDE (reference.sde_step's arithmetic); devices as "
+        "euler_step.");
   m.def("device_count", &device_count,
         "cudaGetDeviceCount through the extension's runtime; RuntimeError with CUDA's message.");
   m.def("build_info", &build_info, "Compiled archs and CUDA runtime version.");
@@ -285,7 +312,8 @@ PYBIND11_MODULE(_cuda_euler, m) {
     py::dict d;
     d["euler"] = r.count[0];
     d["stage"] = r.count[1];
-    d["kernel"] = r.kernel == 0 ? "euler" : "stage";
+    d["sde"] = r.count[2];
+    d["kernel"] = r.kernel == 0 ? "euler" : r.kernel == 1 ? "stage" : "sde";
     d["contiguous"] = r.contiguous;
     d["vectorized"] = r.vectorized;
     d["index32"] = r.index32;

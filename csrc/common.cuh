@@ -107,10 +107,12 @@ __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, 
 __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 #else
 template <class T> inline T add_rn(T a, T b) { return a + b; }
 template <class T> inline T sub_rn(T a, T b) { return a - b; }
 template <class T> inline T mul_rn(T a, T b) { return a * b; }
+template <class T> inline T div_rn(T a, T b) { return a / b; }
 #endif
 
 // The guidance weight w and 1 - w (computed in double, as Python computes it), each rounded to

@@ -161,8 +161,8 @@ __global__ void __launch_bounds__(kThreads) device_entry(const Kernel k) {
 inline HostLaunch g_host_launches{};
 
 // Launches `k` on t's device and stream, or walks the same grid on the host; the grid covers
-// its work items (vectors on the vector path, else elements). kernel_id: 0 Euler, 1 stage
-// (for the record).
+// its work items (vectors on the vector path, else elements). kernel_id: 0 Euler, 1 stage,
+// 2 SDE (for the record).
 template <class Kernel>
 cudaError_t launch(const Kernel& k, const Target& t, int kernel_id, bool contig) {
   constexpr int vec = Kernel::T::VEC;

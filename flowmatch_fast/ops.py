@@ -71,6 +71,20 @@ def _stage_op(launcher):
     return stage_step, fake
 
 
+def _sde_op(launcher):
+    def sde_step(x: Tensor, v: Tensor, v_uncond: Optional[Tensor], table: Tensor, step: int,
+                 noise: Tensor, replay: bool, out: Optional[Tensor], traj: Optional[Tensor],
+                 lp: Tensor, guidance_weight: float, mix: bool) -> None:
+        launcher.launch_sde(x, v, v_uncond, table, step, noise, replay, out, traj, lp,
+                            guidance_weight, mix)
+
+    def fake(x, v, v_uncond, table, step, noise, replay, out, traj, lp, guidance_weight,
+             mix) -> None:
+        _check_buffers(x, lp, traj, noise, None if replay else out)
+
+    return sde_step, fake
+
+
 def _register() -> None:
     global REGISTERED
     custom_op = getattr(torch.library, "custom_op", None)
@@ -79,7 +93,8 @@ def _register() -> None:
     try:
         for name, launcher in LAUNCHERS.items():
             for kind, make, mutates in (("euler", _euler_op, ("out", "traj")),
-                                        ("stage", _stage_op, ("out", "acc_out", "traj"))):
+                                        ("stage", _stage_op, ("out", "acc_out", "traj")),
+                                        ("sde", _sde_op, ("out", "traj", "lp"))):
                 impl, fake = make(launcher)
                 op = custom_op(f"flowmatch_fast::{name}_{kind}_step", impl, mutates_args=mutates)
                 op.register_fake(fake)

@@ -12,7 +12,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import arguments, backends
+from . import arguments, backends, sde
+from . import noise as noise_mod
 from .base import as_int
 from .graph import CapturedSampler, GraphCache, cuda_device, field_key, warn_not_cuda
 from .integrators import METHODS, Trajectory, integrate
@@ -26,6 +27,8 @@ class Sampling:
     CUDA-graph cache, ``capture``. ``guidance`` in a plan is ``None``, ``"batch"`` (our R1 extra:
     one field on the doubled batch) or ``"mix"`` (Alpamayo 1.5: a second, unguided field)."""
 
+    _methods = INT_METHODS  # what a plan's method may be (the RL class: its own three)
+
     def _init_sampling(self, int_method, num_inference_steps, backend, cuda_graph,
                        max_graphs) -> None:
         """Validate and keep the options both classes share (their attributes of those names)."""
@@ -34,6 +37,10 @@ class Sampling:
         arguments.check_positive_int("num_inference_steps", num_inference_steps)
         self.int_method = int_method
         self.num_inference_steps = num_inference_steps
+        self._init_options(backend, cuda_graph, max_graphs)
+
+    def _init_options(self, backend, cuda_graph, max_graphs) -> None:
+        """Our keyword-only options (attributes ``backend``, ``cuda_graph``; the graph cache)."""
         self.backend = backends.check_backend_name(backend)
         self.cuda_graph = arguments.check_bool("cuda_graph", cuda_graph)
         self._graphs = GraphCache(max_graphs)
@@ -43,13 +50,17 @@ class Sampling:
         """Validate one call's arguments and resolve everything that must be known up front
         (``options.weight``: already checked by the class, read only under guidance)."""
         (return_all_steps, inference_step, int_method, guidance, weight, temperature, timesteps,
-         shift, noise, generator) = options
+         shift, noise, generator, rollout) = options
         batch_size = arguments.check_positive_int("batch_size", batch_size, minimum=0)
         device = arguments.sampling_device(device)
         method = self.int_method if int_method is None else int_method
-        if method not in INT_METHODS:
-            raise ValueError(f"int_method must be one of {INT_METHODS}; got {method!r}")
-        if timesteps is not None:
+        if method not in self._methods:
+            raise ValueError(f"int_method must be one of {self._methods}; got {method!r}")
+        if rollout is not None:  # the RL class's SDE: its own grid of Python numbers
+            steps = as_int("inference_step", inference_step)
+            rollout = sde.plan_rollout(rollout, steps, (batch_size, *self.x_dims), device)
+            grid_values = grid_key = None
+        elif timesteps is not None:
             if shift is not None:
                 raise ValueError("give either timesteps= or shift=, not both")
             grid_values, grid_key = arguments.check_timesteps(timesteps, device)
@@ -67,22 +78,18 @@ class Sampling:
             if generator is not None:
                 raise ValueError("give either noise= or generator=, not both (noise draws nothing)")
             arguments.check_noise(noise, (batch_size, *self.x_dims), device)
-        arguments.check_generator(generator, device)
+        generator = noise_mod.check_generators(generator, batch_size, device)
         numel = batch_size * math.prod(self.x_dims)
         backend = backends.resolve(self.backend, device, numel, captured)
         return _Plan(batch_size, device, tuple(self.x_dims), steps, method,
                      bool(return_all_steps), backend, guidance, weight if guidance else 1.0,
-                     temperature, grid_values, grid_key, shift, noise, generator)
+                     temperature, grid_values, grid_key, shift, noise, generator, rollout)
 
     def _run(self, plan: "_Plan", step_fn, unguided_fn=None):
         """The eager sampling call (also what a CUDA graph captures)."""
-        if plan.noise is not None:
-            x = plan.noise
-        else:
-            x = torch.randn(plan.batch_size, *plan.x_dims, device=plan.device,
-                            generator=plan.generator)
-        if plan.temperature != 1.0:  # a separate float32 op, as Alpamayo 1.5; x * 1.0 == x bitwise
-            x = x * plan.temperature
+        x = _initial_state(plan)
+        if plan.rollout is not None:
+            return sde.rollout(plan, x, step_fn, unguided_fn)
         values = plan.grid_values if plan.grid_values is not None else plan.default_grid()
         batched = plan.guidance == "batch"
         grid = TimeGrid(values, 2 * plan.batch_size if batched else plan.batch_size, x.dim())
@@ -140,7 +147,14 @@ class Sampling:
             )
         plan = self._plan(batch_size, device, options, captured=True).with_grid()
         run = functools.partial(self._run, plan, *fields)
-        return CapturedSampler(run, plan.device, warmup=warmup, generator=plan.generator,
+        gens = plan.generator
+        if noise_mod.on_host(gens, plan.device):
+            raise RuntimeError("capture needs generators on the CUDA device: a CPU generator "
+                               "draws on the host, which a CUDA graph cannot replay")
+        if gens is not None and len(gens) > 1:
+            raise NotImplementedError("capture with one generator per row: not yet")
+        return CapturedSampler(run, plan.device, warmup=warmup,
+                               generator=None if gens is None else gens[0],
                                static_inputs=(plan.grid_values,))
 
     @property
@@ -170,7 +184,8 @@ class Options(NamedTuple):
     timesteps: object = None
     shift: Optional[float] = None
     noise: Optional[torch.Tensor] = None
-    generator: Optional[torch.Generator] = None
+    generator: object = None  # None, a torch.Generator, or a list of them (one per row)
+    rollout: Optional["sde.RolloutOptions"] = None  # the RL class's SDE options
 
 
 class _Plan(NamedTuple):
@@ -190,7 +205,8 @@ class _Plan(NamedTuple):
     grid_key: Optional[bytes]  # the explicit grid's float32 bits, read on the host at validation
     shift: Optional[float]
     noise: Optional[torch.Tensor]
-    generator: Optional[torch.Generator]
+    generator: Optional[tuple]  # noise.check_generators: one generator, or one per row
+    rollout: Optional["sde.Rollout"] = None
 
     def key(self):
         """The cache key: what a captured graph bakes in (noise/generator excluded).
@@ -205,7 +221,8 @@ class _Plan(NamedTuple):
                 self.return_all_steps, self.backend.__name__, self.guidance,
                 struct.pack("<dd", self.weight, self.temperature), self.grid_key, self.shift,
                 torch.get_default_dtype(),
-                (autocast, torch.get_autocast_dtype(device.type)) if autocast else False)
+                (autocast, torch.get_autocast_dtype(device.type)) if autocast else False,
+                None if self.rollout is None else self.rollout.key())
 
     def default_grid(self) -> torch.Tensor:
         """The grid without ``timesteps=``: ``linspace`` on the device, then the shift if any
@@ -221,6 +238,19 @@ class _Plan(NamedTuple):
         if self.grid_values is not None:
             return self
         return self._replace(grid_values=self.default_grid())
+
+
+def _initial_state(plan: _Plan) -> torch.Tensor:
+    """The state the loop starts from: ``noise=``, or a draw (``generator=``: one, or one per
+    row) times the temperature (a separate op, as Alpamayo 1.5 and the recipes: ``x * 1.0`` is
+    ``x`` bitwise, so it is skipped); a replayed rollout starts at its first stored sample."""
+    if plan.rollout is not None and plan.rollout.samples is not None:
+        return plan.rollout.samples[0]
+    if plan.noise is not None:
+        x = plan.noise
+    else:
+        x = noise_mod.randn((plan.batch_size, *plan.x_dims), plan.generator, plan.device)
+    return x if plan.temperature == 1.0 else x * plan.temperature
 
 
 def _capturing(device: torch.device) -> bool:

@@ -112,7 +112,7 @@ class FusedLaunches:
 @pytest.fixture
 def fused_launches(monkeypatch):
     """A :class:`FusedLaunches` counting each launch the selected kernels make: Triton's
-    ``_launch`` (the interpreter on CPU, or a GPU), the CUDA extension's two entry points (its
+    ``_launch`` (the interpreter on CPU, or a GPU), the CUDA extension's three entry points (its
     host emulation on CPU, or a GPU). A launch of no elements launches nothing and counts 0."""
     from flowmatch_fast import backends
 
@@ -134,6 +134,6 @@ def fused_launches(monkeypatch):
 
         ext = loader.load()
         if ext is not None:  # else sample raises: the backend was asked for explicitly
-            for entry in ("euler_step", "stage_step"):
+            for entry in ("euler_step", "stage_step", "sde_step"):
                 monkeypatch.setattr(ext, entry, counting(getattr(ext, entry)))
     return counter

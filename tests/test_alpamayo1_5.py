@@ -392,7 +392,7 @@ def test_triton_runs_one_fused_launch_per_guided_step(monkeypatch, case_rng):
     backend = backends.resolve(backends.check_backend_name(None), torch.device("cpu"))
     if backend is not triton_euler:
         pytest.skip("this pass does not select the Triton backend (CI's Triton pass does)")
-    euler_kernel, stage_kernel = triton_euler._kernels()
+    euler_kernel, stage_kernel, sde_kernel = triton_euler._kernels()
     launches = []
 
     class Counting:
@@ -405,7 +405,7 @@ def test_triton_runs_one_fused_launch_per_guided_step(monkeypatch, case_rng):
     def no_reference(*args):
         raise AssertionError("the reference mix ran instead of the fused kernel")
 
-    monkeypatch.setattr(triton_euler, "_kernels", lambda: (Counting(), stage_kernel))
+    monkeypatch.setattr(triton_euler, "_kernels", lambda: (Counting(), stage_kernel, sde_kernel))
     monkeypatch.setattr(reference, "mixed_velocity", no_reference)
     steps = case_rng.randint(2, 6)
     field = make_field("contiguous", torch.bfloat16, [64, 2], 0)

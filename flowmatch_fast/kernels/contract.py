@@ -182,14 +182,16 @@ class Guidance(NamedTuple):
 NO_GUIDANCE = Guidance()
 
 
-def fused_steps(name: str, launch_euler, launch_stage):
+def fused_steps(name: str, launch_euler, launch_stage, launch_sde):
     """A fused backend's ``euler_step`` and ``stage_step`` (the signatures above) over its two
     launch functions, for calls its ``supports`` takes: the fields expanded to ``x``'s shape
     (a broadcast field keeps its stride-0 dims), ``out`` and the accumulator's output allocated
     when absent, the accumulator in the compute dtype and contiguous. Under torch.compile the
     launch is the op ``flowmatch_fast::<name>_euler_step`` / ``<name>_stage_step``
-    (:mod:`flowmatch_fast.ops`); eager calls skip the op dispatch (microseconds per step)."""
-    euler_op, stage_op = f"{name}_euler_step", f"{name}_stage_step"
+    (:mod:`flowmatch_fast.ops`); eager calls skip the op dispatch (microseconds per step).
+    Also ``sde_step`` (the RL recipes' SDE step, :func:`..reference.sde_step`'s signature) over
+    ``launch_sde``: ``out`` and the per-element log-prob ``lp`` allocated when absent."""
+    euler_op, stage_op, sde_op = (f"{name}_euler_step", f"{name}_stage_step", f"{name}_sde_step")
 
     def euler_step(x, v, grid, i, out=None, traj=None, v_uncond=None, guidance=NO_GUIDANCE):
         if v.shape != x.shape:
@@ -223,5 +225,30 @@ def fused_steps(name: str, launch_euler, launch_stage):
                bool(stage.from_acc), out, acc_out, traj, float(guidance.weight), guidance.mix)
         return out, acc_out
 
-    return euler_step, stage_step
+    def sde_step(x, v, v_uncond, guidance, table, i, noise, replay, out=None, traj=None, lp=None):
+        if v.shape != x.shape:
+            v = v.expand(x.shape)
+            v_uncond = None if v_uncond is None else v_uncond.expand(x.shape)
+        if v_uncond is not None and v_uncond.stride() != v.stride():  # one indexer for both
+            v, v_uncond = v.contiguous(), v_uncond.contiguous()
+        if out is None and not replay:
+            out = torch.empty(x.shape, dtype=_F32, device=x.device)
+        if lp is None:
+            lp = torch.empty(x.shape, dtype=_F32, device=x.device)
+        launch = (getattr(torch.ops.flowmatch_fast, sde_op) if torch.compiler.is_compiling()
+                  else launch_sde)
+        launch(x, v, v_uncond, table, i, noise, replay, out, traj, lp, float(guidance.weight),
+               guidance.mix)
+        return (noise if replay else out), lp
+
+    return euler_step, stage_step, sde_step
+
+
+def sde_supports(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
+                 noise: torch.Tensor, traj: Optional[torch.Tensor]) -> bool:
+    """The SDE steps every fused kernel covers: a float32 contiguous state, the fields of
+    :func:`kernel_supports`, float32 noise (or stored next state; made contiguous and
+    ``x``-shaped by the caller), a float32 trajectory slot."""
+    return (x.dtype == _F32 and x.is_contiguous() and noise.dtype == _F32
+            and kernel_supports(x, v, v_uncond) and (traj is None or traj.dtype == _F32))
 

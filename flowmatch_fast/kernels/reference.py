@@ -117,5 +117,37 @@ def supports(x, v, acc=None, v_uncond=None, mix=False, out=None, traj=None) -> b
     return True  # every input PyTorch itself takes
 
 
+def supports_sde(x, v, v_uncond, noise, traj) -> bool:
+    return True
+
+
 def unavailable_reason(device: torch.device):
     return None  # plain torch runs wherever torch does
+
+
+def sde_step(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
+             guidance: Guidance, table: torch.Tensor, i: int, noise: torch.Tensor, replay: bool,
+             out: Optional[torch.Tensor] = None, traj: Optional[torch.Tensor] = None,
+             lp: Optional[torch.Tensor] = None):
+    """One step of the RL recipes' SDE with its log-probability, as the recipes compute it.
+
+    ``table[i]`` holds the step's float32 scalars (:class:`flowmatch_fast.sde.SdeGrid`):
+    ``a = 1 - std**2 / (2 sigma) * dt``, ``c1 = 1 + std**2 (1 - sigma) / (2 sigma)``, ``dt``,
+    ``s = std * sqrt(dt)``, ``denom = 2 s**2``, ``log s`` and ``log sqrt(2 pi)``. In float32:
+    ``mean = x * a + (v * c1) * dt``; ``next = mean + s * noise`` (``noise`` the step's draw), or
+    with ``replay`` ``next = noise`` (the stored sample); per element
+    ``lp = -((next - mean) ** 2) / denom - log s - log sqrt(2 pi)``. Returns ``(next, lp)``,
+    also written into ``out``, the trajectory slot ``traj`` and ``lp`` when given.
+    """
+    v = guide(v, v_uncond, guidance).float()
+    a, c1, dt, s, denom, log_s, const = table[i].unbind()
+    mean = x.float() * a + v * c1 * dt
+    nxt = noise if replay else mean + s * noise
+    log_prob = -((nxt - mean) ** 2) / denom - log_s - const
+    if out is not None and not replay:
+        nxt = out.copy_(nxt)
+    if traj is not None:
+        traj.copy_(nxt)
+    if lp is not None:
+        log_prob = lp.copy_(log_prob)
+    return nxt, log_prob

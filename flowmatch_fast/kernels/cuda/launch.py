@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from ..contract import KERNEL_STATE_DTYPES, fused_steps, kernel_supports, result_dtype
+from ..contract import (KERNEL_STATE_DTYPES, fused_steps, kernel_supports, result_dtype,
+                        sde_supports)
 from . import loader
 from .loader import EMULATE_ENV, EXTENSION, emulating, unavailable_reason  # noqa: F401
 
@@ -142,4 +143,31 @@ def launch_stage(x: torch.Tensor, k: torch.Tensor, k_uncond: Optional[torch.Tens
         traj.copy_(out[:x.shape[0]])
 
 
-euler_step, stage_step = fused_steps("cuda", launch_euler, launch_stage)
+def supports_sde(x, v, v_uncond, noise, traj) -> bool:
+    """Whether the SDE kernel takes this step (:func:`..contract.sde_supports`)."""
+    return sde_supports(x, v, v_uncond, noise, traj)
+
+
+def launch_sde(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
+               table: torch.Tensor, step: int, noise: torch.Tensor, replay: bool,
+               out: Optional[torch.Tensor], traj: Optional[torch.Tensor], lp: torch.Tensor,
+               guidance_weight: float, mix: bool) -> None:
+    """One SDE launch into buffers given (``v`` expanded to ``x``'s shape, ``noise`` contiguous
+    float32 of ``x``'s shape); the body of the op ``flowmatch_fast::cuda_sde_step``."""
+    if not 0 <= step < table.shape[0]:
+        raise IndexError(f"step {step} is outside the table's {table.shape[0]} steps")
+    written = lp if replay else out  # what the launch checks as "out"; not written when replaying
+    a = _prepare(x, v, v_uncond, mix, table, 0, written, traj, noise, lp)
+    if a is None:
+        return
+    ext, (_state, field, mode), v, vu, _doubled, traj_args, copy_traj, device, stream = a
+    ext.sde_step(
+        x.data_ptr(), v.data_ptr(), _ptr(vu), field, mode, table.data_ptr(), step,
+        noise.data_ptr(), replay, written.data_ptr(), *traj_args, lp.data_ptr(), x.shape,
+        v.stride(), guidance_weight, device, stream,
+    )  # fmt: skip
+    if copy_traj:
+        traj.copy_(noise if replay else out)
+
+
+euler_step, stage_step, sde_step = fused_steps("cuda", launch_euler, launch_stage, launch_sde)

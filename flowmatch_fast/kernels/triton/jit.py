@@ -97,11 +97,17 @@ def store_state(out_ptr, traj_ptr, res, offs, mask, row, col, row_len, traj_row_
     if DUP_OUT:
         tl.store(out_ptr + dup_offset + offs, res, mask=mask)
     if HAS_TRAJ:
-        if ROWS:
-            tl.store(traj_ptr + row * traj_row_stride + col, res, mask=mask)
-        else:
-            r = offs // row_len
-            tl.store(traj_ptr + r * traj_row_stride + (offs - r * row_len), res, mask=mask)
+        store_traj(traj_ptr, res, offs, mask, row, col, row_len, traj_row_stride, ROWS)
+
+
+@triton.jit
+def store_traj(traj_ptr, res, offs, mask, row, col, row_len, traj_row_stride, ROWS: tl.constexpr):
+    """The trajectory slot: rows of ``row_len`` contiguous elements, ``traj_row_stride`` apart."""
+    if ROWS:
+        tl.store(traj_ptr + row * traj_row_stride + col, res, mask=mask)
+    else:
+        r = offs // row_len
+        tl.store(traj_ptr + r * traj_row_stride + (offs - r * row_len), res, mask=mask)
 
 
 @triton.jit
@@ -186,3 +192,48 @@ def stage_kernel(
     res = tl.load(x_ptr + offs, mask=mask).to(c_type) + h * d
     store_state(out_ptr, traj_ptr, res, offs, mask, row, col, row_len, traj_row_stride,
                 dup_offset, ROWS, HAS_TRAJ, DUP_OUT)
+
+
+@triton.jit
+def sde_kernel(
+    x_ptr, v_ptr, vu_ptr, table_ptr, noise_ptr, out_ptr, traj_ptr, lp_ptr,
+    step, w_bits, n_total, row_len, traj_row_stride,
+    d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5,
+    BLOCK: tl.constexpr, V_NDIM: tl.constexpr, V_CONTIG: tl.constexpr,
+    ROWS: tl.constexpr, HAS_TRAJ: tl.constexpr, GUIDED: tl.constexpr, MIX: tl.constexpr,
+    P_F64: tl.constexpr, REPLAY: tl.constexpr,
+):
+    """One step of the RL recipes' SDE (see ``reference.sde_step``), every op in float32 and
+    rounded as PyTorch rounds it: no fused multiply-add, ``div_rn`` for the one division
+    (Triton's ``/`` on float32 is an approximate division on a GPU)."""
+    offs, mask, row, col = block_offsets(n_total, row_len, BLOCK, ROWS)
+    if V_CONTIG:
+        v_offs = offs
+    else:
+        v_offs = field_offsets(offs, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5, V_NDIM)
+    if P_F64:
+        p_type = tl.float64
+    else:
+        p_type = tl.float32
+    scalars = table_ptr + step * 7  # the step's row: a, c1, dt, s, denom, log s, log sqrt(2 pi)
+    a = tl.load(scalars)
+    c1 = tl.load(scalars + 1)
+    dt = tl.load(scalars + 2)
+    s = tl.load(scalars + 3)
+    denom = tl.load(scalars + 4)
+    log_s = tl.load(scalars + 5)
+    log_sqrt_2pi = tl.load(scalars + 6)
+    v = velocity(v_ptr, vu_ptr, v_offs, mask, w_bits, p_type, GUIDED, MIX).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask)
+    mean = x * a + (v * c1) * dt
+    z = tl.load(noise_ptr + offs, mask=mask)
+    if REPLAY:  # z is the stored next state
+        nxt = z
+    else:  # z is the step's noise
+        nxt = mean + s * z
+        tl.store(out_ptr + offs, nxt, mask=mask)
+    d = nxt - mean
+    lp = tl.math.div_rn(-(d * d), denom) - log_s - log_sqrt_2pi
+    tl.store(lp_ptr + offs, lp, mask=mask)
+    if HAS_TRAJ:
+        store_traj(traj_ptr, nxt, offs, mask, row, col, row_len, traj_row_stride, ROWS)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..contract import KERNEL_STATE_DTYPES, fused_steps, kernel_supports
+from ..contract import KERNEL_STATE_DTYPES, fused_steps, kernel_supports, sde_supports
 
 _MAX_DIMS = 6
 # 1024 elements per program and 4 warps: 8 fp32 per thread, two 128-bit accesses per operand.
@@ -58,10 +58,10 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    """(euler_kernel, stage_kernel), imported on first use (this imports Triton)."""
+    """(euler_kernel, stage_kernel, sde_kernel), imported on first use (this imports Triton)."""
     from . import jit as k
 
-    return k.euler_kernel, k.stage_kernel
+    return k.euler_kernel, k.stage_kernel, k.sde_kernel
 
 
 def coalesce(shape, strides):
@@ -197,4 +197,28 @@ def launch_stage(x: torch.Tensor, k: torch.Tensor, k_uncond: Optional[torch.Tens
                                                 k_uncond, guidance_weight, mix))
 
 
-euler_step, stage_step = fused_steps("triton", launch_euler, launch_stage)
+def supports_sde(x, v, v_uncond, noise, traj) -> bool:
+    """Whether the SDE kernel takes this step (:func:`..contract.sde_supports`, 32-bit offsets)."""
+    return sde_supports(x, v, v_uncond, noise, traj) and offsets_fit_int32(x, v, v_uncond, noise,
+                                                                           traj)
+
+
+def launch_sde(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
+               table: torch.Tensor, step: int, noise: torch.Tensor, replay: bool,
+               out: Optional[torch.Tensor], traj: Optional[torch.Tensor], lp: torch.Tensor,
+               guidance_weight: float, mix: bool) -> None:
+    """One SDE launch into buffers given (``v`` expanded to ``x``'s shape, ``noise``
+    contiguous); the body of the op ``flowmatch_fast::triton_sde_step``."""
+    if not x.numel():
+        return
+    grid, args, meta = _launch_config(x, v, table, step, lp, traj, v_uncond, guidance_weight, mix)
+    x_, v_, vu_, table_, lp_, traj_, step_, w_bits, n, row_len, traj_stride, _dup, *dims = args
+    args = (x_, v_, vu_, table_, noise, lp_ if out is None else out, traj_, lp_, step_, w_bits,
+            n, row_len, traj_stride, *dims)
+    for flag in ("DUP_OUT", "S_F64"):
+        meta.pop(flag)
+    meta["REPLAY"] = replay
+    _launch(_kernels()[2], x, (grid, args, meta))
+
+
+euler_step, stage_step, sde_step = fused_steps("triton", launch_euler, launch_stage, launch_sde)
