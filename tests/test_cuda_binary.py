@@ -85,12 +85,14 @@ def test_binary_holds_sm90_machine_code_and_ptx():
         assert re.search(rf"\.sm_{target[len('compute_'):]}\.ptx", ptx), (target, ptx)
     if not ARCHS_OVERRIDDEN:
         assert ".sm_90.cubin" in elf and ".sm_90.ptx" in ptx
-    # Every variant of both kernels is in the sm_90 image: 2 state x 4 field dtypes x 24 flags
+    # Every variant of the kernels is in the sm_90 image: 2 state x 4 field dtypes x 24 flags
     # (contiguous, 3 velocity modes, trajectory, doubled) for the Euler update; 2 x 4 x
-    # (contiguous, 3 modes) for the stage (its other flags are run-time, see csrc/stage_kernel.cu).
+    # (contiguous, 3 modes) for the stage (its other flags are run-time, see csrc/stage_kernel.cu);
+    # 4 field dtypes x (contiguous, 3 modes) for the SDE step (float32 state only).
     if "sm_90" in archs:
         usage = _dump("--dump-resource-usage", "-arch", "sm_90")
-        for kernel, count in (("EulerKernel", 2 * 4 * 24), ("StageKernel", 2 * 4 * 6)):
+        for kernel, count in (("EulerKernel", 2 * 4 * 24), ("StageKernel", 2 * 4 * 6),
+                              ("SdeKernel", 4 * 6)):
             found = re.findall(rf"Function (_ZN3fmf12device_entryINS_\d+{kernel}\w+):\s+REG:(\d+) "
                                r"STACK:(\d+) "
                                r"SHARED:\d+ LOCAL:(\d+)", usage)
@@ -112,6 +114,10 @@ def test_sm90_sass_has_no_fused_multiply_add_and_uses_128_bit_accesses():
     kernels = {k: v for k, v in funcs.items() if "EulerKernel" in k or "StageKernel" in k}
     assert len([k for k in kernels if "EulerKernel" in k]) == 192
     assert len([k for k in kernels if "StageKernel" in k]) == 48
+    # The SDE step's one division is div.rn.f32 (IEEE, checked in the PTX below), which ptxas
+    # expands into FFMA-based Newton steps that are correctly rounded by construction: its
+    # SASS holds FFMA for that reason alone, so the FFMA check covers the other two kernels.
+    assert len([k for k in funcs if "SdeKernel" in k]) == 24
     for name, text in kernels.items():
         # FFMA/DFMA would fuse dt * v + x (one rounding instead of two). HFMA2.MMA with zero
         # operands (-RZ, RZ) is only ptxas's idiom for loading a constant into a register.
@@ -140,15 +146,18 @@ def test_sm90_sass_has_no_fused_multiply_add_and_uses_128_bit_accesses():
 
 def test_ptx_has_no_fused_multiply_add_and_rounds_every_op():
     """The embedded PTX is what the driver JIT-compiles for GPUs newer than the SASS targets: no
-    fma, and every float add/sub/mul carries .rn (an explicit rounding, which ptxas never
-    contracts), in both kernels."""
+    fma, every float add/sub/mul carries .rn (an explicit rounding, which ptxas never
+    contracts), every float32 division is div.rn (IEEE), in all three kernels."""
     archs = ext_or_skip().compiled_archs()
     if not any(a.startswith("compute_") for a in archs):
         pytest.skip("built without PTX")
     ptx = _dump("-ptx")
-    for kernel in ("EulerKernel", "StageKernel"):
+    for kernel in ("EulerKernel", "StageKernel", "SdeKernel"):
         assert re.search(rf"\.entry _ZN3fmf12device_entryINS_\d+{kernel}", ptx), kernel
     assert not re.search(r"^\s*fma\.", ptx, re.MULTILINE)
+    # the SDE step's division: IEEE round-to-nearest (div.rn), never div.approx / div.full
+    divs = re.findall(r"^\s*(?:@%p\d+ )?(div\S*\.f32)\s", ptx, re.MULTILINE)
+    assert divs and set(divs) == {"div.rn.f32"}, sorted(set(divs))
     ops = re.findall(r"^\s*(?:@%p\d+ )?((?:add|sub|mul)\S*\.f(?:32|64))\s", ptx, re.MULTILINE)
     assert ops and all(".rn." in op for op in ops), sorted(set(ops))
 

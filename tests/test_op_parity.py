@@ -133,3 +133,58 @@ def test_stage_step_matches_reference(target, case_rng):
             assert r_acc.shape == b_acc.shape == x.shape and b_acc.is_contiguous(), msg
             assert torch.equal(r_acc, b_acc), msg
         assert torch.equal(r_tb.nan_to_num(7.0), b_tb.nan_to_num(7.0)), msg
+
+
+def _sde_table(device, steps, noise_level=0.8):
+    from flowmatch_fast.sde import sde_grid
+
+    return sde_grid(torch.linspace(0, 1, steps + 1).tolist(), noise_level, torch.device(device)).table
+
+
+@pytest.mark.parametrize("shape", ((1, 1), (6, 64, 2), (2, 1025), (4, 3, 7, 11)),
+                         ids=lambda s: "x".join(map(str, s)))
+def test_sde_step_matches_reference(target, shape, case_rng):
+    """The RL SDE step: every field dtype and layout, guided (1.5's mix) or not, drawing or
+    replaying, with or without the trajectory slot: next state, slot and log-prob bitwise."""
+    backend, device = target
+    gen = torch.Generator().manual_seed(case_rng.randrange(2**31))
+    steps = 5
+    table = _sde_table(device, steps)
+    for field_dtype, layout, guided in itertools.product(FIELD_DTYPES, LAYOUTS, (False, True)):
+        # drawing or replaying, with or without the slot: one of each per case, at random
+        replay, with_traj = case_rng.random() < 0.5, case_rng.random() < 0.5
+        i = case_rng.randrange(steps)
+        x = torch.randn(shape, generator=gen).to(device)
+        v = make_velocity(layout, shape, field_dtype, device, gen)
+        vu = None
+        if guided:
+            vu = (v + 0.5) if layout != "expanded" else (v[:1] + 0.5).expand(shape)
+        noise = torch.randn(shape, generator=gen).to(device)
+        guidance = Guidance("mix" if guided else "none", case_rng.choice([2.5, -0.75]))
+        results = []
+        for step in (reference.sde_step, backend.sde_step):
+            traj_buf = torch.full((shape[0], steps + 1, *shape[1:]), float("nan"), device=device)
+            slot = traj_buf[:, i + 1] if with_traj else None
+            nxt, lp = step(x, v, vu, guidance, table, i, noise, replay, None, slot, None)
+            results.append((nxt, lp, traj_buf))
+        msg = f"{field_dtype} {layout} guided={guided} replay={replay} traj={with_traj} i={i}"
+        (r_next, r_lp, r_tb), (b_next, b_lp, b_tb) = results
+        assert torch.equal(b_next, r_next) and torch.equal(b_lp, r_lp), msg
+        assert b_lp.is_contiguous() and b_lp.shape == x.shape, msg
+        assert torch.equal(b_tb.nan_to_num(7.0), r_tb.nan_to_num(7.0)), msg
+        if replay:
+            assert b_next is noise, msg
+
+
+def test_sde_step_divides_exactly(target):
+    """Values where -(d*d) / denom and -(d*d) * (1 / denom) differ: the kernel divides."""
+    backend, device = target
+    table = _sde_table(device, 4, noise_level=0.37)
+    gen = torch.Generator().manual_seed(1)
+    x, v, z = (torch.randn(2, 4096, generator=gen).to(device) for _ in range(3))
+    want = reference.sde_step(x, v, None, Guidance(), table, 1, z, False)[1]
+    got = backend.sde_step(x, v, None, Guidance(), table, 1, z, False)[1]
+    assert torch.equal(got, want)
+    d = z * table[1, 3]  # next - mean, up to rounding
+    assert not torch.equal(-(d * d) / table[1, 4], -(d * d) * (1 / table[1, 4])), (
+        "the inputs no longer separate division from multiplication by the reciprocal")

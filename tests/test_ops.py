@@ -71,3 +71,18 @@ def test_fakes_reject_buffers_the_kernels_cannot_write(name):
             euler(x, v, vu, values, step, out.to(torch.bfloat16), traj, w, mix)
         with pytest.raises(ValueError, match="the state's shape"):
             stage(x, v, vu, x[:1], values, step, 0.5, 1.0, False, out, None, traj, w, mix)
+
+
+@pytest.mark.parametrize("guidance", [None, "mix"])
+@pytest.mark.parametrize("replay", [False, True])
+def test_sde_ops_pass_opcheck(op_target, guidance, replay):
+    from flowmatch_fast.sde import sde_grid
+
+    name, device = op_target
+    x, v, vu, _values, _step, out, traj, w, mix = _euler_args(device, guidance)
+    table = sde_grid([0.0, 0.25, 0.6, 1.0], 0.7, device).table
+    noise = torch.randn(x.shape).to(device)
+    lp = torch.empty(x.shape, device=device)
+    op = getattr(torch.ops.flowmatch_fast, f"{name}_sde_step")
+    torch.library.opcheck(op, (x, v, vu, table, 1, noise, replay, None if replay else out, traj,
+                               lp, w, mix))

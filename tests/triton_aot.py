@@ -46,6 +46,42 @@ def stage_specializations():
                                    stage=flags)
 
 
+def sde_specializations():
+    """The SDE step's variants (float32 state): (field, guided, contiguous, traj, replay)."""
+    for field in _TRITON_TYPES:
+        for guided in (False, "mix"):
+            for contiguous in (True, False):
+                for replay in (False, True):
+                    yield field, guided, contiguous, True, replay
+    yield torch.float32, False, True, False, False  # without the trajectory
+
+
+def compile_sde_for_target(field, guided=False, contiguous=True, traj=True, replay=False, arch=90):
+    """Compile one SDE-step specialization ahead of time, as :func:`compile_for_target`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = _kernels()[2]
+    f = _TRITON_TYPES[field]
+    sig = {"x_ptr": "*fp32", "v_ptr": "*" + f, "vu_ptr": "*" + f, "table_ptr": "*fp32",
+           "noise_ptr": "*fp32", "out_ptr": "*fp32", "traj_ptr": "*fp32", "lp_ptr": "*fp32",
+           "step": "i32", "w_bits": "i64", "n_total": "i32", "row_len": "i32",
+           "traj_row_stride": "i32"}
+    sig.update({name: "i32" for name in ("d1", "d2", "d3", "d4", "d5")})
+    sig.update({name: "i64" for name in ("s0", "s1", "s2", "s3", "s4", "s5")})
+    constexprs = dict(BLOCK=BLOCK, V_NDIM=1 if contiguous else 3, V_CONTIG=contiguous, ROWS=traj,
+                      HAS_TRAJ=traj, GUIDED=bool(guided), MIX=guided == "mix",
+                      P_F64=field == torch.float64, REPLAY=replay)
+    sig.update({name: "constexpr" for name in constexprs})
+    aligned = [n for n in sig if n.endswith("_ptr") and n != "table_ptr"] + [
+        "n_total", "row_len", "traj_row_stride"]
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": NUM_WARPS, "enable_fp_fusion": False})
+
+
 def compile_for_target(state, field, traj=False, guided=False, contiguous=True, arch=90,
                        enable_fp_fusion=False, stage=None):
     """Compile one specialization ahead of time for ``sm_<arch>`` (no GPU needed); returns the
