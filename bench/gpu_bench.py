@@ -32,6 +32,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import rl_workloads  # noqa: E402,F401  (registers the W6 RL section)
 import workloads as W  # noqa: E402
 
 from flowmatch_fast import FlowMatching, backends  # noqa: E402

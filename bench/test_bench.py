@@ -10,6 +10,7 @@ each variant's median and its ratio to the original loop.
 import pytest
 import torch
 
+import rl_workloads as RL
 import workloads as W
 
 variants = pytest.mark.parametrize("variant", W.VARIANTS)
@@ -97,3 +98,18 @@ def test_v1_5_guided_w1(run_benchmark, device, variant):
             results.append(f())
         assert torch.equal(*results)
     run_benchmark(f"W1-1.5-guided-{device.type}-b{W.V1_5_BATCH}", variant, fn, device)
+
+
+# -------------------------------------------------- W6: an RL rollout (the recipes' SDE sampler)
+@pytest.mark.parametrize("variant", RL.W6_VARIANTS)
+def test_w6_rl_rollout(run_benchmark, device, variant):
+    """The recipes' loop ("original" in the summary) vs ours eager and captured; bitwise first."""
+    field = RL.w6_field(device)
+    fn = RL.w6_variant(variant, field, device)
+    if not callable(fn):
+        pytest.skip(fn)
+    if variant not in ("recipes", "field-floor"):
+        fns = {"recipes": RL.w6_variant("recipes", field, device), variant: fn}
+        assert RL.w6_bitwise(fns, device)[variant], f"{variant} is not bitwise the recipes' loop"
+    name = "original" if variant == "recipes" else variant
+    run_benchmark(f"W6-RL-{device.type}-b{RL.W6_BATCH}", name, fn, device, rounds=20)
