@@ -133,7 +133,7 @@ class Sampling:
             held = plan.with_grid()
             return CapturedSampler(functools.partial(self._run, held, *fields), graph_device,
                                    pool=pool, order=order, keep_alive=False,
-                                   static_inputs=(held.grid_values,))
+                                   static_inputs=held.static_inputs())
 
         return self._graphs.call((*fkeys, plan.key()), watches, build, run)
 
@@ -155,7 +155,7 @@ class Sampling:
             raise NotImplementedError("capture with one generator per row: not yet")
         return CapturedSampler(run, plan.device, warmup=warmup,
                                generator=None if gens is None else gens[0],
-                               static_inputs=(plan.grid_values,))
+                               static_inputs=plan.static_inputs())
 
     @property
     def graph_stats(self):
@@ -230,12 +230,19 @@ class _Plan(NamedTuple):
         values = torch.linspace(0.0, 1.0, self.steps + 1, device=self.device)
         return values if self.shift is None else arguments.shifted_grid(values, self.shift)
 
+    def static_inputs(self) -> tuple:
+        """The tensors made before capture that a graph of this plan reads on every replay (its
+        grid; an SDE's table of per-step scalars, ``t`` values and returned grid; a replayed
+        rollout's stored samples): a captured sampler holds them as long as it lives."""
+        held = () if self.grid_values is None else (self.grid_values,)
+        return held if self.rollout is None else held + self.rollout.inputs()
+
     def with_grid(self) -> "_Plan":
         """This plan with its grid built now, for a CUDA graph to hold as a static input (as an
         explicit grid is): a replay then reruns none of the grid's kernels (``linspace``; with a
         shift, 8 elementwise ops and 2 fills more), whose values never change. The same ops as
         an eager call's :meth:`default_grid`, so the same bits."""
-        if self.grid_values is not None:
+        if self.grid_values is not None or self.rollout is not None:  # the SDE holds its own
             return self
         return self._replace(grid_values=self.default_grid())
 

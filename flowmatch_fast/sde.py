@@ -57,13 +57,13 @@ class SdeGrid:
                       else torch.empty((0, len(COLUMNS)), dtype=torch.float32, device=device))
         self.timesteps = torch.tensor(values, device=device, dtype=torch.float32)
         # t as the field receives it: timesteps[i] * torch.ones(...) in the default dtype
-        self._t = torch.tensor([float(t) for t in values[:self.steps]], device=device,
+        self.t_values = torch.tensor([float(t) for t in values[:self.steps]], device=device,
                                dtype=torch.get_default_dtype())
 
     def t_rows(self, batch_size: int, ndim: int) -> torch.Tensor:
         """``[T, B, 1, ..., 1]`` contiguous: row ``i`` is step ``i``'s ``t`` (fresh per call)."""
         ones = [1] * (ndim - 1)
-        return self._t.view(self.steps, 1, *ones).expand(self.steps, batch_size, *ones).contiguous()
+        return self.t_values.view(self.steps, 1, *ones).expand(self.steps, batch_size, *ones).contiguous()
 
     def check_step(self, i: int) -> None:
         """Raise what the recipes raise at step ``i`` (after that step's field calls)."""
@@ -161,6 +161,10 @@ class Rollout(NamedTuple):
     samples: Optional[tuple]
     sde_type: str
     want_steps: bool
+
+    def inputs(self) -> tuple:
+        """The tensors a captured rollout reads on every replay (see ``_Plan.static_inputs``)."""
+        return (self.grid.table, self.grid.timesteps, self.grid.t_values) + (self.samples or ())
 
     def key(self):
         """What a captured rollout bakes in (a replay's samples are inputs, not in the key)."""
