@@ -15,7 +15,7 @@ import torch
 
 from . import base
 from .base import StepFn
-from .arguments import check_real
+from .arguments import mix_weight
 from .sampling import Options, Sampling
 from .graph import CapturedSampler
 
@@ -29,7 +29,7 @@ class BaseDiffusion(base.BaseDiffusion):
                  *args, **kwargs):
         super().__init__(x_dims)
         # Named apart from the R1 class's warnings (each name is warned once per place).
-        base.warn_unknown_keywords(f"alpamayo1_5.{type(self).__name__}", kwargs)
+        base.warn_unknown_keywords(f"alpamayo1_5.{type(self).__name__}", kwargs, type(self))
         self.use_classifier_free_guidance = use_classifier_free_guidance
 
 
@@ -57,23 +57,24 @@ class FlowMatching(Sampling, BaseDiffusion):
         self._init_sampling(int_method, num_inference_steps, backend, cuda_graph, max_graphs)
         self.inference_guidance_weight = inference_guidance_weight
 
-    def _options(self, unguided_step_fn, return_all_steps, inference_step, int_method,
-                 use_classifier_free_guidance, inference_guidance_weight, temperature, timesteps,
-                 shift, noise, generator):
-        """(fields the plan calls, :class:`Options`) of one ``sample`` or ``capture`` call."""
-        use = (self.use_classifier_free_guidance if use_classifier_free_guidance is None
-               else use_classifier_free_guidance)
-        fields, guidance, weight = (), None, 1.0
-        if use:
-            if unguided_step_fn is None:
-                raise ValueError("use_classifier_free_guidance is on but no unguided_step_fn was "
-                                 "given: pass the unguided field as the third argument of sample")
-            w = (self.inference_guidance_weight if inference_guidance_weight is None
-                 else inference_guidance_weight)
-            fields, guidance = (unguided_step_fn,), "mix"
-            weight = check_real("inference_guidance_weight", w)
-        return fields, Options(return_all_steps, inference_step, int_method, guidance, weight,
-                               temperature, timesteps, shift, noise, generator)
+    def _resolve(self, use_classifier_free_guidance, inference_guidance_weight):
+        """The guidance of a ``sample`` or ``capture`` call: ``None`` means the attribute."""
+        if use_classifier_free_guidance is None:
+            use_classifier_free_guidance = self.use_classifier_free_guidance
+        if inference_guidance_weight is None:
+            inference_guidance_weight = self.inference_guidance_weight
+        return use_classifier_free_guidance, inference_guidance_weight
+
+    def _fields(self, step_fn, unguided_step_fn, use, weight, options: Options):
+        """(the fields the plan calls, guided first; ``options`` with the guidance) of one call
+        whose guidance is resolved."""
+        if not use:
+            return (step_fn,), options
+        if unguided_step_fn is None:
+            raise ValueError("use_classifier_free_guidance is on but no unguided_step_fn was "
+                             "given: pass the unguided field as the third argument of sample")
+        return (step_fn, unguided_step_fn), options._replace(guidance="mix",
+                                                             weight=mix_weight(weight))
 
     @torch.no_grad()
     def sample(
@@ -108,12 +109,12 @@ class FlowMatching(Sampling, BaseDiffusion):
         the ``torch.randn`` draw; ``temperature`` still multiplies it), ``generator``; and
         ``int_method`` also takes ``"midpoint"``, ``"heun"``, ``"rk4"``.
         """
-        base.warn_unknown_keywords("alpamayo1_5.FlowMatching.sample", kwargs)
-        extra, options = self._options(
-            unguided_step_fn, return_all_steps, inference_step, int_method,
-            use_classifier_free_guidance, inference_guidance_weight, temperature, timesteps,
-            shift, noise, generator)
-        return self._sample((step_fn, *extra), batch_size, device, cuda_graph, options)
+        base.warn_unknown_keywords("alpamayo1_5.FlowMatching.sample", kwargs, type(self))
+        use, weight = self._resolve(use_classifier_free_guidance, inference_guidance_weight)
+        options = Options(return_all_steps, inference_step, int_method, None, 1.0, temperature,
+                          timesteps, shift, noise, generator)
+        fields, call = self._fields(step_fn, unguided_step_fn, use, weight, options)
+        return self._sample(fields, batch_size, device, cuda_graph, call)
 
     @torch.no_grad()
     def capture(
@@ -140,8 +141,9 @@ class FlowMatching(Sampling, BaseDiffusion):
         Arguments as :meth:`sample`; ``sampler()`` replays it (see the R1 class's ``capture``).
         Raises ``RuntimeError`` on a non-CUDA device.
         """
-        extra, options = self._options(
-            unguided_step_fn, return_all_steps, inference_step, int_method,
-            use_classifier_free_guidance, inference_guidance_weight, temperature, timesteps,
-            shift, noise, generator)
-        return self._capture((step_fn, *extra), batch_size, device, warmup, options)
+        use, weight = self._resolve(use_classifier_free_guidance, inference_guidance_weight)
+        fields, options = self._fields(step_fn, unguided_step_fn, use, weight, Options(
+            return_all_steps, inference_step, int_method, None, 1.0, temperature, timesteps, shift,
+            noise, generator))
+        return self._capture(fields, batch_size, device, warmup, options)
+
