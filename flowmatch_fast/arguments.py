@@ -82,6 +82,15 @@ def steps_or_attribute(inference_step, num_inference_steps) -> int:
     return check_positive_int("num_inference_steps", num_inference_steps)
 
 
+def euler_steps(inference_step, num_inference_steps, timesteps) -> int:
+    """The step count an override of ``_euler`` receives: as the originals pass it,
+    ``inference_step or num_inference_steps``, or, with our ``timesteps=`` grid and no
+    ``inference_step``, the grid's (checked with the grid when the call is planned)."""
+    if not inference_step and timesteps is not None:
+        return len(timesteps) - 1
+    return inference_step or num_inference_steps
+
+
 def sampling_device(device) -> torch.device:
     """``device=None`` means PyTorch's default device, as ``torch.randn(..., device=None)``."""
     return torch.get_default_device() if device is None else torch.device(device)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from . import base
 from .base import BaseDiffusion, StepFn
 from .graph import CapturedSampler
-from .arguments import check_bool, check_real, check_scalar
+from .arguments import check_bool, check_real, check_scalar, euler_steps
 from .sampling import INT_METHODS, Options, Sampling
 
 __all__ = ["FlowMatching", "INT_METHODS", "Options", "TIMESTEP_SAMPLERS"]
@@ -118,7 +118,22 @@ class FlowMatching(Sampling, BaseDiffusion):
         base.warn_unknown_keywords("FlowMatching.sample", kwargs, type(self))
         options = _r1_options(self, return_all_steps, inference_step, int_method, guidance,
                               guidance_weight, timesteps, shift, noise, generator)
+        euler = base.euler_override(self, int_method, _OWN_EULER)
+        if euler is not None:  # replaced on the instance or a subclass: called as the original does
+            with base.passing_through((options, cuda_graph)):
+                return euler(batch_size=batch_size, step_fn=step_fn, device=device,
+                             return_all_steps=return_all_steps, inference_step=euler_steps(
+                                 inference_step, self.num_inference_steps, timesteps))
         return self._sample((step_fn,), batch_size, device, cuda_graph, options)
+
+    def _euler(self, batch_size: int, step_fn: StepFn, device=torch.device("cpu"),
+               return_all_steps: bool = False, inference_step: Optional[int] = None):
+        """The original's private Euler integrator, which third-party code calls and wraps:
+        its signature and its result. The options of ours given to the ``sample`` call that
+        reached it (through a wrapper) apply; its own arguments win."""
+        options, cuda_graph = base.passed_through() or (Options(), None)
+        return self._sample((step_fn,), batch_size, device, cuda_graph, options._replace(
+            return_all_steps=return_all_steps, inference_step=inference_step, int_method="euler"))
 
     @torch.no_grad()
     def capture(
@@ -179,3 +194,5 @@ class FlowMatching(Sampling, BaseDiffusion):
         target = (training_data["x"] - training_data["noise"]).to(pred.dtype)
         return F.mse_loss(target, pred)
 
+
+_OWN_EULER = FlowMatching._euler  # what `sample` runs itself, unless replaced
