@@ -9,13 +9,15 @@ is that API over the same planning, integration, kernels and graph cache as the 
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
 
 from . import base
 from .base import StepFn
-from .arguments import check_real
+from .arguments import euler_steps, mix_weight
+from .kernels import reference
 from .sampling import Options, Sampling
 from .graph import CapturedSampler
 
@@ -29,7 +31,7 @@ class BaseDiffusion(base.BaseDiffusion):
                  *args, **kwargs):
         super().__init__(x_dims)
         # Named apart from the R1 class's warnings (each name is warned once per place).
-        base.warn_unknown_keywords(f"alpamayo1_5.{type(self).__name__}", kwargs)
+        base.warn_unknown_keywords(f"alpamayo1_5.{type(self).__name__}", kwargs, type(self))
         self.use_classifier_free_guidance = use_classifier_free_guidance
 
 
@@ -57,23 +59,55 @@ class FlowMatching(Sampling, BaseDiffusion):
         self._init_sampling(int_method, num_inference_steps, backend, cuda_graph, max_graphs)
         self.inference_guidance_weight = inference_guidance_weight
 
-    def _options(self, unguided_step_fn, return_all_steps, inference_step, int_method,
-                 use_classifier_free_guidance, inference_guidance_weight, temperature, timesteps,
-                 shift, noise, generator):
-        """(fields the plan calls, :class:`Options`) of one ``sample`` or ``capture`` call."""
-        use = (self.use_classifier_free_guidance if use_classifier_free_guidance is None
-               else use_classifier_free_guidance)
-        fields, guidance, weight = (), None, 1.0
-        if use:
-            if unguided_step_fn is None:
-                raise ValueError("use_classifier_free_guidance is on but no unguided_step_fn was "
-                                 "given: pass the unguided field as the third argument of sample")
-            w = (self.inference_guidance_weight if inference_guidance_weight is None
-                 else inference_guidance_weight)
-            fields, guidance = (unguided_step_fn,), "mix"
-            weight = check_real("inference_guidance_weight", w)
-        return fields, Options(return_all_steps, inference_step, int_method, guidance, weight,
-                               temperature, timesteps, shift, noise, generator)
+    def _resolve(self, use_classifier_free_guidance, inference_guidance_weight):
+        """The guidance of a ``sample`` or ``capture`` call: ``None`` means the attribute."""
+        if use_classifier_free_guidance is None:
+            use_classifier_free_guidance = self.use_classifier_free_guidance
+        if inference_guidance_weight is None:
+            inference_guidance_weight = self.inference_guidance_weight
+        return use_classifier_free_guidance, inference_guidance_weight
+
+    def _fields(self, step_fn, unguided_step_fn, use, weight, options: Options):
+        """(the fields the plan calls, guided first; ``options`` with the guidance) of one call
+        whose guidance is resolved. An override of ``_guided_v`` (a subclass's, an instance's)
+        makes the velocity, called as the original's loop calls it."""
+        if not use:
+            return (step_fn,), options
+        if unguided_step_fn is None:
+            raise ValueError("use_classifier_free_guidance is on but no unguided_step_fn was "
+                             "given: pass the unguided field as the third argument of sample")
+        guided_v = base.override_of(self, "_guided_v", _OWN_GUIDED_V)
+        if guided_v is not None:
+            return (functools.partial(guided_v, step_fn=step_fn, unguided_step_fn=unguided_step_fn,
+                                      inference_guidance_weight=weight),), options
+        return (step_fn, unguided_step_fn), options._replace(guidance="mix",
+                                                             weight=mix_weight(weight))
+
+    @staticmethod
+    def _guided_v(step_fn: StepFn, x: torch.Tensor, t: torch.Tensor, unguided_step_fn: StepFn,
+                  inference_guidance_weight: float):
+        """The original's guided velocity, which third-party loops call: ``step_fn`` first, then
+        ``unguided_step_fn``, and ``(1 - w) * vu + w * vg`` as PyTorch evaluates it."""
+        return reference.mixed_velocity(step_fn(x=x, t=t), unguided_step_fn(x=x, t=t),
+                                        inference_guidance_weight)
+
+    def _euler(self, batch_size: int, step_fn: StepFn, unguided_step_fn: Optional[StepFn] = None,
+               device=torch.device("cpu"), return_all_steps: bool = False, inference_step=None,
+               inference_guidance_weight=None, use_classifier_free_guidance=None,
+               temperature=1.0, generator=None):
+        """The original's private Euler integrator, which third-party code calls and wraps: its
+        signature and its result (guidance only when ``use_classifier_free_guidance`` is true).
+        The options of ours given to the ``sample`` call that reached it (through a wrapper)
+        apply; its own arguments win."""
+        options, cuda_graph = base.passed_through() or (Options(), None)
+        options = options._replace(return_all_steps=return_all_steps, int_method="euler",
+                                   inference_step=inference_step, temperature=temperature,
+                                   generator=generator)
+        if inference_guidance_weight is None:  # the original would fail: the attribute here
+            inference_guidance_weight = self.inference_guidance_weight
+        fields, options = self._fields(step_fn, unguided_step_fn, use_classifier_free_guidance,
+                                       inference_guidance_weight, options)
+        return self._sample(fields, batch_size, device, cuda_graph, options)
 
     @torch.no_grad()
     def sample(
@@ -108,12 +142,24 @@ class FlowMatching(Sampling, BaseDiffusion):
         the ``torch.randn`` draw; ``temperature`` still multiplies it), ``generator``; and
         ``int_method`` also takes ``"midpoint"``, ``"heun"``, ``"rk4"``.
         """
-        base.warn_unknown_keywords("alpamayo1_5.FlowMatching.sample", kwargs)
-        extra, options = self._options(
-            unguided_step_fn, return_all_steps, inference_step, int_method,
-            use_classifier_free_guidance, inference_guidance_weight, temperature, timesteps,
-            shift, noise, generator)
-        return self._sample((step_fn, *extra), batch_size, device, cuda_graph, options)
+        base.warn_unknown_keywords("alpamayo1_5.FlowMatching.sample", kwargs, type(self))
+        use, weight = self._resolve(use_classifier_free_guidance, inference_guidance_weight)
+        options = Options(return_all_steps, inference_step, int_method, None, 1.0, temperature,
+                          timesteps, shift, noise, generator)
+        fields, call = self._fields(step_fn, unguided_step_fn, use, weight, options)
+        euler = base.euler_override(self, int_method, _OWN_EULER)
+        if euler is None:
+            return self._sample(fields, batch_size, device, cuda_graph, call)
+        # replaced on the instance or a subclass: called as the original calls it (``generator``
+        # only when given, so that a wrapper written for the release without it still runs)
+        with base.passing_through((options, cuda_graph)):
+            return euler(batch_size=batch_size, step_fn=step_fn, unguided_step_fn=unguided_step_fn,
+                         device=device, return_all_steps=return_all_steps,
+                         inference_step=euler_steps(inference_step, self.num_inference_steps,
+                                                    timesteps),
+                         inference_guidance_weight=weight, use_classifier_free_guidance=use,
+                         temperature=temperature,
+                         **({} if generator is None else {"generator": generator}))
 
     @torch.no_grad()
     def capture(
@@ -140,8 +186,12 @@ class FlowMatching(Sampling, BaseDiffusion):
         Arguments as :meth:`sample`; ``sampler()`` replays it (see the R1 class's ``capture``).
         Raises ``RuntimeError`` on a non-CUDA device.
         """
-        extra, options = self._options(
-            unguided_step_fn, return_all_steps, inference_step, int_method,
-            use_classifier_free_guidance, inference_guidance_weight, temperature, timesteps,
-            shift, noise, generator)
-        return self._capture((step_fn, *extra), batch_size, device, warmup, options)
+        use, weight = self._resolve(use_classifier_free_guidance, inference_guidance_weight)
+        fields, options = self._fields(step_fn, unguided_step_fn, use, weight, Options(
+            return_all_steps, inference_step, int_method, None, 1.0, temperature, timesteps, shift,
+            noise, generator))
+        return self._capture(fields, batch_size, device, warmup, options)
+
+
+# What `sample` runs itself, unless replaced on the instance or a subclass.
+_OWN_EULER, _OWN_GUIDED_V = FlowMatching._euler, FlowMatching._guided_v

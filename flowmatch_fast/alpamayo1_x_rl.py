@@ -11,15 +11,16 @@ one fused launch per step on the Triton and CUDA backends), per-row generators
 
 from __future__ import annotations
 
-import math
-from typing import Any, Optional, Union
+import functools
+from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from . import base
-from .arguments import check_real
+from .arguments import mix_weight
 from .base import StepFn
+from .kernels import reference
+from .rl_training import RecipesTraining
 from .sampling import Options, Sampling
 from .sde import RolloutOptions
 
@@ -30,7 +31,7 @@ INT_METHODS = ("euler", "midpoint", "sde")
 _PLAN_METHODS = {"euler": "euler", "midpoint": "midpoint-rl", "sde": "sde"}
 
 
-class FlowMatching(Sampling, base.BaseDiffusion):
+class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
     """Flow-matching sampler, a drop-in replacement for the RL recipes' ``FlowMatching``.
 
     ``FlowMatching(int_method, train_timestep_sampler, num_inference_steps,
@@ -72,36 +73,44 @@ class FlowMatching(Sampling, base.BaseDiffusion):
             self.beta_scale_constant = 0.999
 
     # ------------------------------------------------------------------ sampling
-    def _call(self, unguided_step_fn, return_all_steps, inference_step, timesteps, int_method,
-              inference_guidance_weight, use_classifier_free_guidance, temperature, generator,
-              noise_level, samples_list, sde_type, return_info):
-        """(fields the plan calls, :class:`Options`, return form) of one call, with the
-        recipes' fall-backs (``or`` for the method and the weight) and errors."""
+    def _resolve(self, int_method, inference_guidance_weight, use_classifier_free_guidance,
+                 unguided_step_fn):
+        """The recipes' fall-backs (``or`` for the method and the weight) and first check."""
         method = int_method or self.int_method
         weight = inference_guidance_weight or self.inference_guidance_weight
         use = (self.use_classifier_free_guidance if use_classifier_free_guidance is None
                else use_classifier_free_guidance)
         if use and unguided_step_fn is None:
             raise ValueError("unguided_step_fn is required when using classifier free guidance")
-        steps = self.num_inference_steps if inference_step is None else inference_step
         if method not in INT_METHODS:
             raise ValueError(f"Invalid integration method: {self.int_method} (int_method must be "
                              f"one of {INT_METHODS}; got {method!r})")
-        rollout, form = None, "all_steps" if return_all_steps else "x"
+        return method, weight, use
+
+    def _fields(self, step_fn, unguided_step_fn, use, weight, options: Options):
+        """(the fields the plan calls, ``options`` with the guidance): as Alpamayo 1.5's; an
+        override of ``_guided_v`` makes the velocity, called as the recipes call it."""
+        if not use:
+            return (step_fn,), options
+        guided_v = base.override_of(self, "_guided_v", _OWN["_guided_v"])
+        if guided_v is not None:
+            return (functools.partial(guided_v, step_fn=step_fn, unguided_step_fn=unguided_step_fn,
+                                      inference_guidance_weight=weight),), options
+        return (step_fn, unguided_step_fn), options._replace(guidance="mix",
+                                                             weight=mix_weight(weight))
+
+    def _options(self, method, steps, unguided_step_fn, weight, use, temperature, generator,
+                 return_all_steps=False, rollout=None):
+        """(fields, :class:`Options`) of an ``"euler"``, ``"midpoint"`` or ``"sde"`` call."""
         if method == "sde":
-            if self.use_classifier_free_guidance and unguided_step_fn is None:  # the recipes
+            if self.use_classifier_free_guidance and unguided_step_fn is None:  # the recipes check
                 raise ValueError("unguided_step_fn is required when using classifier free "
-                                 "guidance")  # check the attribute again, whatever the call says
-            form = "info" if return_info else form
-            rollout = RolloutOptions(timesteps, noise_level, samples_list, sde_type, form != "x")
-            return_all_steps = False
+                                 "guidance")  # the attribute again, whatever the call says
         else:
             steps = steps or self.num_inference_steps  # the recipes' _euler / _midpoint
-        fields = (unguided_step_fn,) if use else ()
-        options = Options(return_all_steps, steps, _PLAN_METHODS[method], "mix" if use else None,
-                          check_real("inference_guidance_weight", weight) if use else 1.0,
-                          temperature, None, None, None, generator, rollout)
-        return fields, options, form
+        options = Options(return_all_steps, steps, _PLAN_METHODS[method], None, 1.0, temperature,
+                          None, None, None, generator, rollout)
+        return options
 
     @torch.no_grad()
     def sample(
@@ -134,14 +143,84 @@ class FlowMatching(Sampling, base.BaseDiffusion):
         (row ``i`` then depends on ``generator[i]`` alone); ``samples_list``: the ``T + 1``
         states of a stored rollout to score instead of drawing; ``timesteps``: the SDE's grid
         (``T + 1`` numbers). ``cuda_graph``: the bounded graph cache, as on the other classes.
+        An ``_euler``, ``_midpoint``, ``_sde`` or ``_guided_v`` replaced on the instance or a
+        subclass is called as the recipes call it.
         """
-        base.warn_unknown_keywords("alpamayo1_x_rl.FlowMatching.sample", kwargs)
-        fields, options, form = self._call(
-            unguided_step_fn, return_all_steps, inference_step, timesteps, int_method,
-            inference_guidance_weight, use_classifier_free_guidance, temperature, generator,
-            noise_level, samples_list, sde_type, return_info)
-        return _returned(self._sample((step_fn, *fields), batch_size, device, cuda_graph,
-                                      options), form, options.rollout is not None)
+        base.warn_unknown_keywords("alpamayo1_x_rl.FlowMatching.sample", kwargs, type(self))
+        method, weight, use = self._resolve(int_method, inference_guidance_weight,
+                                            use_classifier_free_guidance, unguided_step_fn)
+        steps = self.num_inference_steps if inference_step is None else inference_step
+        override = base.override_of(self, f"_{method}", _OWN[f"_{method}"])
+        form = "info" if return_info else "all_steps" if return_all_steps else "x"
+        if override is None:  # the fast path: one plan, one call
+            rollout = None
+            if method == "sde":
+                rollout = RolloutOptions(timesteps, noise_level, samples_list, sde_type, form != "x")
+            options = self._options(method, steps, unguided_step_fn, weight, use, temperature,
+                                    generator, return_all_steps and rollout is None, rollout)
+            fields, options = self._fields(step_fn, unguided_step_fn, use, weight, options)
+            return _returned(self._sample(fields, batch_size, device, cuda_graph, options), form,
+                             rollout is not None)
+        with base.passing_through((Options(), cuda_graph)):  # the recipes' call of the override
+            if method != "sde":
+                return override(batch_size=batch_size, step_fn=step_fn,
+                                unguided_step_fn=unguided_step_fn, device=device,
+                                return_all_steps=return_all_steps, inference_step=steps,
+                                inference_guidance_weight=weight,
+                                use_classifier_free_guidance=use, temperature=temperature,
+                                generator=generator)
+            out = override(batch_size, step_fn, unguided_step_fn, device, steps, timesteps, weight,
+                           noise_level=noise_level, samples_list=samples_list, generator=generator,
+                           sde_type=sde_type, use_classifier_free_guidance=use,
+                           temperature=temperature)
+        return _returned(out, form, True)
+
+    def _integrator(self, method, batch_size, step_fn, unguided_step_fn, device, return_all_steps,
+                    inference_step, inference_guidance_weight, use_classifier_free_guidance,
+                    temperature, generator):
+        """The body of our ``_euler`` and ``_midpoint`` (the recipes' signatures)."""
+        cuda_graph = (base.passed_through() or (None, None))[1]
+        options = self._options(method, inference_step, unguided_step_fn,
+                                inference_guidance_weight, use_classifier_free_guidance,
+                                temperature, generator, return_all_steps)
+        fields, options = self._fields(step_fn, unguided_step_fn, use_classifier_free_guidance,
+                                       inference_guidance_weight, options)
+        return self._sample(fields, batch_size, device, cuda_graph, options)
+
+    def _euler(self, batch_size: int, step_fn: StepFn, unguided_step_fn: Optional[StepFn] = None,
+               device=torch.device("cpu"), return_all_steps: bool = False, inference_step=None,
+               inference_guidance_weight=None, use_classifier_free_guidance=None,
+               temperature=1.0, generator=None):
+        """The recipes' private Euler integrator (its signature and result), which third-party
+        code calls and wraps; ``sample`` calls a replacement of it."""
+        return self._integrator("euler", batch_size, step_fn, unguided_step_fn, device,
+                                return_all_steps, inference_step, inference_guidance_weight,
+                                use_classifier_free_guidance, temperature, generator)
+
+    def _midpoint(self, batch_size: int, step_fn: StepFn,
+                  unguided_step_fn: Optional[StepFn] = None, device=torch.device("cpu"),
+                  return_all_steps: bool = False, inference_step=None,
+                  inference_guidance_weight=None, use_classifier_free_guidance=None,
+                  temperature=1.0, generator=None):
+        """The recipes' private midpoint integrator (its signature and result)."""
+        return self._integrator("midpoint", batch_size, step_fn, unguided_step_fn, device,
+                                return_all_steps, inference_step, inference_guidance_weight,
+                                use_classifier_free_guidance, temperature, generator)
+
+    def _sde(self, batch_size: int, step_fn: StepFn, unguided_step_fn: Optional[StepFn] = None,
+             device=torch.device("cpu"), inference_step=None, timesteps=None,
+             inference_guidance_weight=None, noise_level=0.7, samples_list=None, generator=None,
+             sde_type="sde", use_classifier_free_guidance=False, temperature=1.0):
+        """The recipes' private SDE sampler (its signature): ``(x, log_prob [B], all_steps
+        [B, T+1, ...], timesteps [T+1])``."""
+        cuda_graph = (base.passed_through() or (None, None))[1]
+        rollout = RolloutOptions(timesteps, noise_level, samples_list, sde_type, True)
+        options = self._options("sde", inference_step, unguided_step_fn, inference_guidance_weight,
+                                use_classifier_free_guidance, temperature, generator,
+                                rollout=rollout)
+        fields, options = self._fields(step_fn, unguided_step_fn, use_classifier_free_guidance,
+                                       inference_guidance_weight, options)
+        return self._sample(fields, batch_size, device, cuda_graph, options)
 
     @torch.no_grad()
     def capture(
@@ -170,85 +249,25 @@ class FlowMatching(Sampling, base.BaseDiffusion):
         returns what :meth:`sample` returns. A ``generator`` (one, or one per row) advances on
         every replay; ``samples_list`` tensors are read on every replay (update them in place).
         """
-        fields, options, form = self._call(
-            unguided_step_fn, return_all_steps, inference_step, timesteps, int_method,
-            inference_guidance_weight, use_classifier_free_guidance, temperature, generator,
-            noise_level, samples_list, sde_type, return_info)
-        captured = self._capture((step_fn, *fields), batch_size, device, warmup, options)
-        return RolloutSampler(captured, form, options.rollout is not None)
+        method, weight, use = self._resolve(int_method, inference_guidance_weight,
+                                            use_classifier_free_guidance, unguided_step_fn)
+        steps = self.num_inference_steps if inference_step is None else inference_step
+        form = "info" if return_info else "all_steps" if return_all_steps else "x"
+        rollout = None
+        if method == "sde":
+            rollout = RolloutOptions(timesteps, noise_level, samples_list, sde_type, form != "x")
+        options = self._options(method, steps, unguided_step_fn, weight, use, temperature,
+                                generator, return_all_steps and rollout is None, rollout)
+        fields, options = self._fields(step_fn, unguided_step_fn, use, weight, options)
+        captured = self._capture(fields, batch_size, device, warmup, options)
+        return RolloutSampler(captured, form, rollout is not None)
 
     @staticmethod
     def _guided_v(step_fn: StepFn, x: torch.Tensor, t: torch.Tensor, unguided_step_fn: StepFn,
                   inference_guidance_weight: float) -> torch.Tensor:
         """The guided velocity ``(1 - w) * vu + w * vg``, the guided field called first."""
-        guided = step_fn(x=x, t=t)
-        unguided = unguided_step_fn(x=x, t=t)
-        return (1 - inference_guidance_weight) * unguided + inference_guidance_weight * guided
-
-    # ------------------------------------------------------------------ training
-    def construct_training_data(self, x: torch.Tensor) -> dict:
-        """Noisy inputs for one training step (``noisy_x = t * x + (1 - t) * noise``); with
-        guidance on, the drop mask ``rand(B) < train_ignore_guidance_rate``, drawn last."""
-        batch_size = x.shape[0]
-        if self.train_timestep_sampler == "uniform":
-            t = torch.rand((batch_size,), device=x.device)
-        elif self.train_timestep_sampler == "beta":
-            t = self.beta_dist.sample((batch_size,)).to(x.device)
-            t = self.beta_scale_constant - t * self.beta_scale_constant
-        else:
-            raise ValueError(f"Invalid time sampler: {self.train_timestep_sampler} (expected "
-                             "'uniform' or 'beta')")
-        t = t.reshape(batch_size, *[1] * (x.dim() - 1))
-        noise = torch.randn_like(x)
-        data = {"x": x, "noisy_x": t * x + (1 - t) * noise, "timesteps": t, "noise": noise,
-                "is_drop_guidance": None}
-        if self.use_classifier_free_guidance:
-            data["is_drop_guidance"] = (torch.rand(batch_size, device=x.device)
-                                        < self.train_ignore_guidance_rate)
-        return data
-
-    def compute_loss_from_pred(self, training_data: dict, pred: torch.Tensor) -> torch.Tensor:
-        """``mse_loss(x - noise, pred)`` (no cast: PyTorch's promotion decides)."""
-        return F.mse_loss(training_data["x"] - training_data["noise"], pred)
-
-    def compute_loss_from_step_fn(self, x: torch.Tensor, step_fn, guidance: Any = None):
-        """The loss of a simple differentiable field; with guidance on, the field also gets
-        ``guidance=`` and a drop mask drawn afresh (as the recipes do, after the training data's)."""
-        data = self.construct_training_data(x)
-        if self.use_classifier_free_guidance:
-            drop = torch.rand(x.shape[0], device=x.device) < self.train_ignore_guidance_rate
-            pred = step_fn(x=data["noisy_x"], t=data["timesteps"], guidance=guidance,
-                           is_drop_guidance=drop)
-        else:
-            pred = step_fn(x=data["noisy_x"], t=data["timesteps"])
-        return self.compute_loss_from_pred(data, pred)
-
-    def _batched_sde_logprob(self, model_output: torch.Tensor, timesteps: torch.Tensor,
-                             sample: torch.Tensor, ref_model_output: Optional[torch.Tensor] = None,
-                             noise_level: float = 0.7):
-        """Log-probabilities of stored rollouts, all steps at once and differentiable in
-        ``model_output`` ``[B, T, ...]``: ``(log_prob [B], kl [B] or None)``. ``timesteps``
-        ``[B, T+1]``, ``sample`` ``[B, T+1, ...]``; ``kl`` against ``ref_model_output``. The same
-        ops in the same order as the recipes (the rollout's step, with tensor ``sigma``, ``dt``)."""
-        t, t_next = timesteps[:, :-1], timesteps[:, 1:]
-        sigma = 1 - t
-        dt = t_next - t
-        sqdt = torch.sqrt(dt)
-        per_step = [sample.shape[0], -1, *[1] * (sample.dim() - 2)]  # [B, T] -> [B, T, 1, ...]
-        std = torch.sqrt(sigma / (1 - sigma.clip(max=1 - timesteps[0, 1].item()))) * noise_level
-        keep = (1 - std**2 / (2 * sigma) * dt).reshape(per_step)
-        drift = ((1 + std**2 * (1 - sigma) / (2 * sigma)) * dt).reshape(per_step)
-        mean = sample[:, :-1] * keep + model_output * drift
-        scale = std * sqdt
-        log_prob = (-((sample[:, 1:].detach() - mean) ** 2) / (2 * scale**2).reshape(per_step)
-                    - torch.log(scale).reshape(per_step)
-                    - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi))))
-        log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
-        if ref_model_output is None:
-            return log_prob, None
-        weight = (dt / 2 * (std * t / 2 / (1 - t) + 1 / std) ** 2).reshape(per_step)
-        kl = weight * (ref_model_output - model_output) ** 2
-        return log_prob, kl.mean(dim=tuple(range(1, kl.ndim)))
+        return reference.mixed_velocity(step_fn(x=x, t=t), unguided_step_fn(x=x, t=t),
+                                        inference_guidance_weight)
 
 
 def _returned(out, form: str, sde: bool):
@@ -275,3 +294,7 @@ class RolloutSampler:
 
     def __call__(self, static_output: bool = False):
         return _returned(self.captured(static_output=static_output), self._form, self._sde)
+
+
+# What `sample` runs itself, unless replaced on the instance or a subclass.
+_OWN = {name: getattr(FlowMatching, name) for name in ("_euler", "_midpoint", "_sde", "_guided_v")}

@@ -35,6 +35,62 @@ def check_real(name: str, value) -> float:
     return float(value)
 
 
+def _real_tensor(value) -> bool:
+    """A 0-dim tensor that PyTorch multiplies as a real scalar (not bool, not complex)."""
+    return (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
+            and not value.dtype.is_complex)
+
+
+def check_scalar(name: str, value) -> float:
+    """An option of the originals that multiplies a float tensor (``temperature``, R1's
+    ``inference_guidance_weight``): a real number or a 0-dim tensor, as a Python float. Exact:
+    the product is rounded in the tensor's dtype (float32 or float64), into which the float
+    converts as the 0-dim tensor's own value does. (A CUDA tensor's value is read on the host.)"""
+    if _real_tensor(value):
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number or a 0-dim tensor, got "
+                        f"{type(value).__name__} ({value!r})")
+    return float(value)
+
+
+def mix_weight(value):
+    """Alpamayo 1.5's guidance weight ``w`` in ``(1 - w) * vu + w * vg``: a Python float where
+    the fused kernels can take it (an int or a float: PyTorch holds either as a double scalar),
+    else the value itself, a NumPy float32 or a 0-dim tensor, which the mix then gives PyTorch
+    as it is: ``1 - w`` is rounded in its own dtype there, as in the original."""
+    if isinstance(value, (numbers.Integral, float)) and not isinstance(value, bool):
+        return float(value)
+    check_scalar("inference_guidance_weight", value)
+    return value
+
+
+def scalar_key(value):
+    """A cache key of a value :func:`mix_weight` returns: a float's bits, else its type, dtype
+    and device beside its value's bits (the mix rounds in its dtype, on its device)."""
+    if isinstance(value, float):
+        return struct.pack("<d", value)
+    return (type(value).__name__, str(getattr(value, "dtype", "")), str(getattr(value, "device", "")),
+            struct.pack("<d", float(value)))
+
+
+def steps_or_attribute(inference_step, num_inference_steps) -> int:
+    """The step count as the originals take it, ``inference_step or num_inference_steps`` (0
+    and None mean the attribute), checked where it is used: a count >= 1, an int."""
+    if inference_step:
+        return check_positive_int("inference_step", inference_step)
+    return check_positive_int("num_inference_steps", num_inference_steps)
+
+
+def euler_steps(inference_step, num_inference_steps, timesteps) -> int:
+    """The step count an override of ``_euler`` receives: as the originals pass it,
+    ``inference_step or num_inference_steps``, or, with our ``timesteps=`` grid and no
+    ``inference_step``, the grid's (checked with the grid when the call is planned)."""
+    if not inference_step and timesteps is not None:
+        return len(timesteps) - 1
+    return inference_step or num_inference_steps
+
+
 def sampling_device(device) -> torch.device:
     """``device=None`` means PyTorch's default device, as ``torch.randn(..., device=None)``."""
     return torch.get_default_device() if device is None else torch.device(device)

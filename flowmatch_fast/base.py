@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
+import difflib
+import functools
+import inspect
 import operator
 import warnings
 from typing import Protocol, Sequence, Union
@@ -54,18 +59,86 @@ def _normalize_x_dims(x_dims: Union[int, Sequence[int]]) -> list:
     return dims
 
 
-_warned_keywords: set = set()
+# Keywords some Alpamayo sampler takes (R1, 1.5, the RL recipes: constructors, ``sample``, the
+# R1 base's ``dtype``): configs and call sites move between the variants (the release tooling
+# remaps one's targets to another's class), and each original ignores the others' keys quietly.
+ALPAMAYO_KEYWORDS = frozenset({
+    "x_dims", "int_method", "num_inference_steps", "inference_guidance_weight",
+    "train_timestep_sampler", "train_ignore_guidance_rate", "use_classifier_free_guidance",
+    "batch_size", "step_fn", "unguided_step_fn", "device", "dtype", "return_all_steps",
+    "inference_step", "temperature", "generator", "timesteps", "noise_level", "samples_list",
+    "sde_type", "return_info"})
+# difflib's ratio from which an unknown keyword counts as a misspelt option of ours: 0.8 takes a
+# slip of one or two letters ('cuda_grpah' 0.90, 'guidence' 0.88, 'use_cuda_graph' 0.83) and
+# leaves other names alone ('graph' 0.67, 'guidance_scale' 0.73, 'noise_std' 0.71).
+_MISSPELT_RATIO = 0.8
+_seen_keywords: set = set()  # (place, name): each is looked at once
 
 
-def warn_unknown_keywords(where: str, kwargs: dict) -> None:
-    """Keywords the original accepts and ignores: accepted (configs carry extra keys), with one
-    warning per name and place, so that a misspelt option is seen."""
+@functools.lru_cache(maxsize=None)
+def own_options(owner: type) -> tuple:
+    """Our options on ``owner``: the keyword-only parameters of its constructor, ``sample`` and
+    ``capture`` (read from the signatures, so a new option is covered where it is added)."""
+    names = set()
+    for method in ("__init__", "sample", "capture"):
+        if hasattr(owner, method):
+            names.update(p.name for p in inspect.signature(getattr(owner, method)).parameters.values()
+                         if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    return tuple(sorted(names))
+
+
+def warn_unknown_keywords(where: str, kwargs: dict, owner: type) -> None:
+    """Keywords the original accepts and ignores are ignored quietly, as the original does
+    (configs carry extra keys); one that looks like a misspelt option of ``owner``'s warns,
+    once per name and place."""
     for name in kwargs:
-        if (where, name) not in _warned_keywords:
-            _warned_keywords.add((where, name))
-            warnings.warn(f"{where} ignores the unknown keyword argument {name!r} (accepted, as "
-                          "the original does; check its spelling if it is meant as an option)",
+        if name in ALPAMAYO_KEYWORDS or (where, name) in _seen_keywords:
+            continue
+        _seen_keywords.add((where, name))
+        close = difflib.get_close_matches(name, own_options(owner), n=1, cutoff=_MISSPELT_RATIO)
+        if close:
+            warnings.warn(f"{where} ignores the unknown keyword argument {name!r}, as the original "
+                          f"does; did you mean flowmatch_fast's option {close[0]!r}?",
                           UserWarning, stacklevel=4)  # the caller of sample / the constructor
+
+
+def override_of(module: nn.Module, name: str, own):
+    """What replaces our method ``own`` (a function) as ``module.<name>``: an attribute of the
+    instance (a wrapper a profiler or a step cache installed) or a subclass's method; ``None``
+    when it is ``own`` itself, so that ``sample`` runs its fast path without a detour."""
+    found = module.__dict__.get(name)
+    if found is None:
+        found = getattr(type(module), name)
+        return None if found is own else getattr(module, name)
+    return None if found is own or getattr(found, "__func__", None) is own else found
+
+
+def euler_override(module: nn.Module, int_method, own):
+    """The ``_euler`` that ``sample`` calls instead of its fast path (as the original always
+    calls ``self._euler``): an override of ``own`` when the call's method is Euler (the
+    originals' ``int_method or self.int_method``), else ``None``."""
+    if (int_method or module.int_method) != "euler":
+        return None
+    return override_of(module, "_euler", own)
+
+
+# Our options of one ``sample`` call, while it runs an override of ``_euler`` (which takes the
+# original's arguments only): our ``_euler``, when the override calls it, reads them here.
+_PASSED_THROUGH = contextvars.ContextVar("flowmatch_fast_passed_through", default=None)
+
+
+@contextlib.contextmanager
+def passing_through(value):
+    token = _PASSED_THROUGH.set(value)
+    try:
+        yield
+    finally:
+        _PASSED_THROUGH.reset(token)
+
+
+def passed_through():
+    """What the ``sample`` call running now passes through to our ``_euler``, or ``None``."""
+    return _PASSED_THROUGH.get()
 
 
 class BaseDiffusion(abc.ABC, nn.Module):
@@ -73,7 +146,7 @@ class BaseDiffusion(abc.ABC, nn.Module):
 
     def __init__(self, x_dims: Union[int, Sequence[int]], *args, **kwargs):
         super().__init__()
-        warn_unknown_keywords(type(self).__name__, kwargs)
+        warn_unknown_keywords(type(self).__name__, kwargs, type(self))
         self.x_dims = _normalize_x_dims(x_dims)
 
     @abc.abstractmethod

@@ -8,9 +8,10 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .base import BaseDiffusion, StepFn, warn_unknown_keywords
+from . import base
+from .base import BaseDiffusion, StepFn
 from .graph import CapturedSampler
-from .arguments import check_bool, check_real
+from .arguments import check_bool, check_real, check_scalar, euler_steps
 from .sampling import INT_METHODS, Options, Sampling
 
 __all__ = ["FlowMatching", "INT_METHODS", "Options", "TIMESTEP_SAMPLERS"]
@@ -29,7 +30,7 @@ def _r1_options(fm, return_all_steps=False, inference_step=None, int_method=None
             raise ValueError("guidance_weight= needs guidance=True (the doubled-batch field "
                              "protocol)")
     elif guidance:  # the original never reads inference_guidance_weight: only guidance does
-        weight = check_real("inference_guidance_weight", fm.inference_guidance_weight)
+        weight = check_scalar("inference_guidance_weight", fm.inference_guidance_weight)
     else:
         weight = 1.0
     return Options(return_all_steps, inference_step, int_method, "batch" if guidance else None,
@@ -68,11 +69,6 @@ class FlowMatching(Sampling, BaseDiffusion):
     ):
         super().__init__(*args, **kwargs)
         self._init_sampling(int_method, num_inference_steps, backend, cuda_graph, max_graphs)
-        if train_timestep_sampler not in TIMESTEP_SAMPLERS:
-            raise ValueError(
-                f"train_timestep_sampler must be one of {TIMESTEP_SAMPLERS}; "
-                f"got {train_timestep_sampler!r}"
-            )
         self.train_timestep_sampler = train_timestep_sampler
         self.train_ignore_guidance_rate = train_ignore_guidance_rate
         self.inference_guidance_weight = inference_guidance_weight
@@ -119,10 +115,25 @@ class FlowMatching(Sampling, BaseDiffusion):
         - ``noise``: the initial state ``[B, *x_dims]`` (float32 or float64, on ``device``);
           ``generator``: the ``torch.Generator`` the noise is drawn from.
         """
-        warn_unknown_keywords("FlowMatching.sample", kwargs)
-        return self._sample((step_fn,), batch_size, device, cuda_graph, _r1_options(
-            self, return_all_steps, inference_step, int_method, guidance, guidance_weight,
-            timesteps, shift, noise, generator))
+        base.warn_unknown_keywords("FlowMatching.sample", kwargs, type(self))
+        options = _r1_options(self, return_all_steps, inference_step, int_method, guidance,
+                              guidance_weight, timesteps, shift, noise, generator)
+        euler = base.euler_override(self, int_method, _OWN_EULER)
+        if euler is not None:  # replaced on the instance or a subclass: called as the original does
+            with base.passing_through((options, cuda_graph)):
+                return euler(batch_size=batch_size, step_fn=step_fn, device=device,
+                             return_all_steps=return_all_steps, inference_step=euler_steps(
+                                 inference_step, self.num_inference_steps, timesteps))
+        return self._sample((step_fn,), batch_size, device, cuda_graph, options)
+
+    def _euler(self, batch_size: int, step_fn: StepFn, device=torch.device("cpu"),
+               return_all_steps: bool = False, inference_step: Optional[int] = None):
+        """The original's private Euler integrator, which third-party code calls and wraps:
+        its signature and its result. The options of ours given to the ``sample`` call that
+        reached it (through a wrapper) apply; its own arguments win."""
+        options, cuda_graph = base.passed_through() or (Options(), None)
+        return self._sample((step_fn,), batch_size, device, cuda_graph, options._replace(
+            return_all_steps=return_all_steps, inference_step=inference_step, int_method="euler"))
 
     @torch.no_grad()
     def capture(
@@ -161,9 +172,12 @@ class FlowMatching(Sampling, BaseDiffusion):
         batch_size = x.shape[0]
         if self.train_timestep_sampler == "uniform":
             timesteps = torch.rand((batch_size,), device=x.device)
-        else:
+        elif self.train_timestep_sampler == "beta":
             timesteps = self.beta_dist.sample((batch_size,)).to(x.device)
             timesteps = self.beta_scale_constant - timesteps * self.beta_scale_constant
+        else:  # the original constructs with any name and fails here, where it is used
+            raise ValueError(f"train_timestep_sampler must be one of {TIMESTEP_SAMPLERS}; got "
+                             f"{self.train_timestep_sampler!r}")
         timesteps = timesteps.view(batch_size, *([1] * (x.dim() - 1)))
         noise = torch.randn_like(x)
         noisy_x = timesteps * x + (1 - timesteps) * noise
@@ -179,3 +193,6 @@ class FlowMatching(Sampling, BaseDiffusion):
         """Mean squared error between ``pred`` and the velocity target ``x - noise``."""
         target = (training_data["x"] - training_data["noise"]).to(pred.dtype)
         return F.mse_loss(target, pred)
+
+
+_OWN_EULER = FlowMatching._euler  # what `sample` runs itself, unless replaced

@@ -8,6 +8,7 @@ handed to ``step_fn`` is a fresh contiguous buffer that is never written again.
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -20,10 +21,15 @@ from .kernels.contract import (METHODS, NO_GUIDANCE, Guidance, Stage, TimeGrid, 
 __all__ = ["METHODS", "Stage", "Trajectory", "choose", "euler_step", "stage_step", "integrate"]
 
 
-def check_field(v, x: torch.Tensor) -> torch.Tensor:
-    """Validate what ``step_fn`` returned against its input ``x`` (the SPEC's error cases)."""
+def check_field(v, x: torch.Tensor, name: str = "step_fn"):
+    """Validate what a field returned against its input ``x`` (the SPEC's error cases) and
+    return it unchanged: a tensor that broadcasts to ``x``'s shape without changing it, on
+    ``x``'s device (or a 0-dim CPU tensor, a scalar to PyTorch), or a Python real number
+    (the original computes ``x + dt * number``)."""
     if not isinstance(v, torch.Tensor):
-        raise TypeError(f"step_fn must return a torch.Tensor, got {type(v).__name__}")
+        if isinstance(v, numbers.Real):
+            return v
+        raise TypeError(f"{name} must return a torch.Tensor or a real number, got {type(v).__name__}")
     if v.shape != x.shape:
         try:
             shape = torch.broadcast_shapes(v.shape, x.shape)
@@ -31,34 +37,37 @@ def check_field(v, x: torch.Tensor) -> torch.Tensor:
             shape = None
         if shape != x.shape:
             raise ValueError(
-                f"step_fn returned a tensor of shape {tuple(v.shape)}; expected one that broadcasts "
+                f"{name} returned a tensor of shape {tuple(v.shape)}; expected one that broadcasts "
                 f"to the state's shape {tuple(x.shape)} without changing it"
             )
-    if v.device != x.device:
+    if v.device != x.device and not (v.dim() == 0 and v.device.type == "cpu"):
         raise ValueError(
-            f"step_fn returned a tensor on {v.device}; expected it on the sampling device {x.device}"
+            f"{name} returned a tensor on {v.device}; expected it on the sampling device {x.device}"
         )
     return v
 
 
-def _dtype_class(dtype: torch.dtype) -> str:
-    if dtype.is_floating_point:
-        return "floating-point"
-    return "complex" if dtype.is_complex else "integer/bool"
+def as_tensor(v) -> torch.Tensor:
+    """A field's value as a tensor: a Python number as the 0-dim CPU tensor that gives
+    ``dt * v`` the same result (float64 for a float: cast to ``dt``'s dtype as PyTorch casts
+    the number; int64 or bool else, which never widen a float ``dt``)."""
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, numbers.Integral):
+        return torch.tensor(bool(v)) if isinstance(v, bool) else torch.tensor(int(v))
+    return torch.tensor(float(v), dtype=torch.float64)
 
 
-def check_unguided(vu, vg: torch.Tensor) -> torch.Tensor:
-    """Validate what ``unguided_step_fn`` returned against the guided field ``vg`` of the same step."""
-    if not isinstance(vu, torch.Tensor):
-        raise TypeError(f"unguided_step_fn must return a torch.Tensor, got {type(vu).__name__}")
-    if (vu.shape != vg.shape or vu.device != vg.device
-            or _dtype_class(vu.dtype) != _dtype_class(vg.dtype)):
-        raise ValueError(
-            f"unguided_step_fn returned a {_dtype_class(vu.dtype)} tensor of shape "
-            f"{tuple(vu.shape)} ({vu.dtype}) on {vu.device}; expected what step_fn returned: a "
-            f"{_dtype_class(vg.dtype)} tensor of shape {tuple(vg.shape)} ({vg.dtype}) on {vg.device}"
-        )
-    return vu
+def mixed_field(vg, vu, weight) -> Optional[torch.Tensor]:
+    """Alpamayo 1.5's velocity where the guided update cannot take the two fields, else
+    ``None``: ``(1 - w) * vu + w * vg`` literally, as PyTorch evaluates the original's
+    expression with these very values (Python numbers, fields of two shapes or dtypes, a weight
+    that is not a Python float), as a tensor; its update is then a plain one. The guided update
+    (the fused kernels' mix) takes two tensors of one shape and dtype and a float weight."""
+    if (isinstance(vg, torch.Tensor) and isinstance(vu, torch.Tensor) and vg.shape == vu.shape
+            and vg.dtype == vu.dtype and isinstance(weight, float)):
+        return None
+    return as_tensor(reference.mixed_velocity(vg, vu, weight))
 
 
 class Trajectory:
@@ -101,7 +110,7 @@ def euler_loop(x, grid: TimeGrid, step_fn, backend, trajectory: Optional[Traject
     for i in range(grid.steps):
         v = step_fn(x=x, t=t_views[i])
         if type(v) is not torch.Tensor or v.shape != x.shape or v.device != x.device:
-            check_field(v, x)
+            v = as_tensor(check_field(v, x))
         slot = None if trajectory is None else trajectory.slot(i + 1, result_dtype(x.dtype, v))
         if has_kernel and supports(x, v, None, None, False, None, slot):  # choose(), inlined
             x = fused(x, kernel_readable(v), grid, i, None, slot)
@@ -150,28 +159,29 @@ def recipes_midpoint(x, grid: TimeGrid, step_fn, backend, trajectory=None,
     Halving after the rounding differs from ``h = dt / 2`` (our ``"midpoint"``'s stage) only
     where the product overflows or is subnormal, and for a float64 state with a narrower field
     (the product stays in float32): the recipes' bits everywhere."""
-    mix = guidance.mode == "mix"
     t_half = grid.stage_t_views("half")
     for i in range(grid.steps):
         t = grid.t_views[i]
-        v = check_field(step_fn(x=x, t=t), x)
-        vu = check_unguided(unguided_fn(x=x, t=t), v) if mix else None
+        v, vu = _velocity(step_fn, unguided_fn, x, t, guidance)
         v = reference.guide(v, vu, guidance)
         x_mid = reference._write_state(x, torch.mul(grid.dt_views[i], v) / 2, None, None)
-        v = check_field(step_fn(x=x_mid, t=t_half[i]), x_mid)
-        vu = check_unguided(unguided_fn(x=x_mid, t=t_half[i]), v) if mix else None
-        slot = (None if trajectory is None
-                else trajectory.slot(i + 1, result_dtype(x.dtype, _velocity_like(v, vu))))
-        x = euler_step(backend, x, v, grid, i, None, slot, vu, guidance)
+        v, vu = _velocity(step_fn, unguided_fn, x_mid, t_half[i], guidance)
+        slot = None if trajectory is None else trajectory.slot(i + 1, result_dtype(x.dtype, v))
+        x = euler_step(backend, x, v, grid, i, None, slot, vu,
+                       guidance if vu is not None else NO_GUIDANCE)
     return x
 
 
-def _velocity_like(v, vu):
-    """A tensor with the dtype and 0-dim-ness of the velocity mixed from ``v`` and ``vu`` (for
-    the update's dtype: a mix of two dtypes is computed in the promoted one)."""
-    if vu is None or vu.dtype == v.dtype:
-        return v
-    return torch.empty((1,) * min(v.dim(), 1), dtype=torch.promote_types(v.dtype, vu.dtype))
+def _velocity(step_fn, unguided_fn, x, t, guidance: Guidance):
+    """``(v, vu)`` of one field evaluation: the guided field first, then (1.5's guidance) the
+    unguided one; ``vu`` is ``None`` without guidance, or when the fields were mixed here
+    (:func:`mixed_field`: two shapes or dtypes, a weight that is not a Python float)."""
+    v = check_field(step_fn(x=x, t=t), x)
+    if guidance.mode != "mix":
+        return as_tensor(v), None
+    vu = check_field(unguided_fn(x=x, t=t), x, "unguided_step_fn")
+    mixed = mixed_field(v, vu, guidance.weight)  # the update then takes it alone
+    return (as_tensor(v), vu) if mixed is None else (mixed, None)
 
 
 def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
@@ -197,12 +207,8 @@ def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
         xs = x_in
         for j, st in enumerate(stages):
             t = grid.stage_t_views(st.time)[i]
-            v = step_fn(x=xs, t=t)
-            check_field(v, xs)
-            vu = None
-            if mix:
-                vu = check_unguided(unguided_fn(x=xs, t=t), v)
-            elif guided:
+            v, vu = _velocity(step_fn, unguided_fn, xs, t, guidance)
+            if guided:
                 if v.dim() == 0:  # a 0-dim field is a scalar to PyTorch's promotion: keep that
                     v = v.to(result_dtype(torch.float32, v))
                 if v.shape != xs.shape:
@@ -211,15 +217,15 @@ def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
                 if guidance.weight == 1.0:
                     vu = None
             acc_in = acc if st.uses_acc else None
-            like = _velocity_like(v, vu) if mix else v
-            dtype = (result_dtype(x.dtype, like) if method == "euler"
-                     else stage_dtype(x.dtype, like, acc_in))
+            dtype = (result_dtype(x.dtype, v) if method == "euler"
+                     else stage_dtype(x.dtype, v, acc_in))
             out = torch.empty((2 * rows, *x.shape[1:]), dtype=dtype, device=x.device) if guided else None
             slot = trajectory.slot(i + 1, dtype) if trajectory is not None and j == last else None
+            how = guidance if vu is not None else NO_GUIDANCE
             if method == "euler":
-                xs = euler_step(backend, x, v, grid, i, out, slot, vu, guidance)
+                xs = euler_step(backend, x, v, grid, i, out, slot, vu, how)
             else:
-                xs, acc = stage_step(backend, x, v, grid, i, st, acc_in, out, slot, vu, guidance)
+                xs, acc = stage_step(backend, x, v, grid, i, st, acc_in, out, slot, vu, how)
         x_in = xs
         x = xs[:rows] if guided else xs
     return x

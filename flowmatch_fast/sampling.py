@@ -31,10 +31,9 @@ class Sampling:
 
     def _init_sampling(self, int_method, num_inference_steps, backend, cuda_graph,
                        max_graphs) -> None:
-        """Validate and keep the options both classes share (their attributes of those names)."""
-        if int_method not in INT_METHODS:
-            raise ValueError(f"int_method must be one of {INT_METHODS}; got {int_method!r}")
-        arguments.check_positive_int("num_inference_steps", num_inference_steps)
+        """Keep the options both classes share (their attributes of those names): ours are
+        checked now; the originals' (``int_method``, ``num_inference_steps``) where a call uses
+        them, as the originals take any value and fail only there."""
         self.int_method = int_method
         self.num_inference_steps = num_inference_steps
         self._init_options(backend, cuda_graph, max_graphs)
@@ -53,7 +52,7 @@ class Sampling:
          shift, noise, generator, rollout) = options
         batch_size = arguments.check_positive_int("batch_size", batch_size, minimum=0)
         device = arguments.sampling_device(device)
-        method = self.int_method if int_method is None else int_method
+        method = int_method or self.int_method  # the originals' `or`: "" means the attribute
         if method not in self._methods:
             raise ValueError(f"int_method must be one of {self._methods}; got {method!r}")
         if rollout is not None:  # the RL class's SDE: its own grid of Python numbers
@@ -65,15 +64,14 @@ class Sampling:
                 raise ValueError("give either timesteps= or shift=, not both")
             grid_values, grid_key = arguments.check_timesteps(timesteps, device)
             steps = grid_values.numel() - 1
-            if inference_step is not None and as_int("inference_step", inference_step) != steps:
+            if inference_step and as_int("inference_step", inference_step) != steps:
                 raise ValueError(f"inference_step={inference_step} but timesteps has {steps + 1} "
                                  f"entries ({steps} steps); they must agree")
         else:
             grid_values = grid_key = None
-            steps = self.num_inference_steps if inference_step is None else inference_step
-            steps = arguments.check_positive_int("inference_step", steps)
+            steps = arguments.steps_or_attribute(inference_step, self.num_inference_steps)
         shift = arguments.check_shift(shift, steps)
-        temperature = arguments.check_real("temperature", temperature)
+        temperature = arguments.check_scalar("temperature", temperature)
         if noise is not None:
             if generator is not None:
                 raise ValueError("give either noise= or generator=, not both (noise draws nothing)")
@@ -199,7 +197,7 @@ class _Plan(NamedTuple):
     return_all_steps: bool
     backend: object
     guidance: Optional[str]  # None, "batch" (doubled batch) or "mix" (a second field)
-    weight: float
+    weight: float  # for "mix" also a 0-dim tensor or NumPy scalar (arguments.mix_weight)
     temperature: float
     grid_values: Optional[torch.Tensor]
     grid_key: Optional[bytes]  # the explicit grid's float32 bits, read on the host at validation
@@ -219,7 +217,8 @@ class _Plan(NamedTuple):
         autocast = torch.is_autocast_enabled(device.type)
         return (device, self.x_dims, self.batch_size, self.steps, self.method,
                 self.return_all_steps, self.backend.__name__, self.guidance,
-                struct.pack("<dd", self.weight, self.temperature), self.grid_key, self.shift,
+                arguments.scalar_key(self.weight), struct.pack("<d", self.temperature),
+                self.grid_key, self.shift,
                 torch.get_default_dtype(),
                 (autocast, torch.get_autocast_dtype(device.type)) if autocast else False,
                 None if self.rollout is None else self.rollout.key())

@@ -24,9 +24,9 @@ import torch
 
 from . import noise as noise_mod
 from .arguments import same_device
-from .integrators import check_field, check_unguided, fuses
+from .integrators import _velocity, fuses
 from .kernels import reference
-from .kernels.contract import Guidance, kernel_readable
+from .kernels.contract import NO_GUIDANCE, Guidance, kernel_readable
 
 SDE_TYPES = ("sde",)  # "cps" exists in the recipes' signature but raises NotImplementedError
 COLUMNS = ("a", "c1", "dt", "s", "denom", "log_s", "const")  # the table's columns
@@ -218,7 +218,6 @@ def rollout(plan, x: torch.Tensor, step_fn, unguided_fn=None):
     ro = plan.rollout
     grid = ro.grid
     guidance = Guidance(plan.guidance or "none", plan.weight)
-    mix = guidance.mode == "mix"
     gens = plan.generator
     t_rows = grid.t_rows(plan.batch_size, x.dim())
     samples = ro.samples
@@ -226,8 +225,7 @@ def rollout(plan, x: torch.Tensor, step_fn, unguided_fn=None):
     log_probs = []
     for i in range(grid.steps):
         t = t_rows[i]
-        v = check_field(step_fn(x=x, t=t), x)
-        vu = check_unguided(unguided_fn(x=x, t=t), v) if mix else None
+        v, vu = _velocity(step_fn, unguided_fn, x, t, guidance)
         grid.check_step(i)
         if ro.sde_type != "sde":
             if ro.sde_type == "cps":
@@ -240,12 +238,13 @@ def rollout(plan, x: torch.Tensor, step_fn, unguided_fn=None):
         if samples is not None:
             step_noise, replay = samples[i + 1], True
         else:
-            shape = v.shape if vu is None else torch.broadcast_shapes(v.shape, vu.shape)
+            shape = v.shape  # the mixed velocity's: vu is only ever v's shape and dtype
             step_noise = noise_mod.randn(shape, gens, x.device, torch.float32)
             replay = False
         slot = None if traj is None else traj.slot(i + 1)
-        x_next, lp = sde_step(plan.backend, x, v, vu, guidance, grid.table, i, step_noise,
-                              replay, slot)
+        how = guidance if vu is not None else NO_GUIDANCE
+        x_next, lp = sde_step(plan.backend, x, v, vu, how, grid.table, i, step_noise, replay,
+                              slot)
         log_probs.append(lp.mean(dim=tuple(range(1, lp.ndim))))
         x = samples[i + 1] if replay else x_next
         if traj is not None:

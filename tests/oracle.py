@@ -149,3 +149,198 @@ def spec_batched_sde_logprob(model_output, timesteps, sample, ref_model_output=N
     kl = ((dt / 2 * (std * t / 2 / (1 - t) + 1 / std) ** 2).reshape(shape)
           * (ref_model_output - model_output) ** 2)
     return lp, kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Stand-ins of the original classes, written from the SPEC: the same class name, module, constructor,
+# attributes, `sample` (with the originals' `or` fall-backs) and private helpers, over the loops
+# above. Tests convert them (flowmatch_fast.convert), wrap their `_euler`, and compare.
+
+class _Original(torch.nn.Module):
+    def __init__(self, x_dims, *args, **kwargs):
+        super().__init__()
+        self.x_dims = [x_dims] if isinstance(x_dims, int) else list(x_dims)
+
+
+class OriginalR1(_Original):
+    """Alpamayo-R1's ``FlowMatching`` (SPEC: "Classes", "sample", "Training helpers")."""
+
+    def __init__(self, int_method="euler", train_timestep_sampler="beta", num_inference_steps=10,
+                 train_ignore_guidance_rate=0.1, inference_guidance_weight=1.0, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.int_method = int_method
+        self.train_timestep_sampler = train_timestep_sampler
+        self.num_inference_steps = num_inference_steps
+        self.train_ignore_guidance_rate = train_ignore_guidance_rate
+        self.inference_guidance_weight = inference_guidance_weight
+        if train_timestep_sampler == "beta":
+            self.beta_dist = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0))
+            self.beta_scale_constant = 0.999
+
+    @torch.no_grad()
+    def sample(self, batch_size, step_fn, device=torch.device("cpu"), return_all_steps=False,
+               inference_step=None, int_method=None, *args, **kwargs):
+        int_method = int_method or self.int_method
+        inference_step = inference_step or self.num_inference_steps
+        if int_method != "euler":
+            raise ValueError(int_method)
+        return self._euler(batch_size=batch_size, step_fn=step_fn, device=device,
+                           return_all_steps=return_all_steps, inference_step=inference_step)
+
+    def _euler(self, batch_size, step_fn, device=torch.device("cpu"), return_all_steps=False,
+               inference_step=None):
+        return spec_sample(self.x_dims, batch_size, step_fn, device, inference_step,
+                           return_all_steps)
+
+
+class _Original1_5Base(_Original):
+    def __init__(self, x_dims, use_classifier_free_guidance=False, *args, **kwargs):
+        super().__init__(x_dims)
+        self.use_classifier_free_guidance = use_classifier_free_guidance
+
+
+class Original1_5(_Original1_5Base):
+    """Alpamayo 1.5's ``FlowMatching`` (SPEC: "Alpamayo 1.5's FlowMatching")."""
+
+    def __init__(self, int_method="euler", num_inference_steps=10, inference_guidance_weight=1.0,
+                 *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.int_method = int_method
+        self.num_inference_steps = num_inference_steps
+        self.inference_guidance_weight = inference_guidance_weight
+
+    @torch.no_grad()
+    def sample(self, batch_size, step_fn, unguided_step_fn=None, device=torch.device("cpu"),
+               return_all_steps=False, inference_step=None, int_method=None,
+               use_classifier_free_guidance=None, inference_guidance_weight=None, temperature=1.0,
+               *args, **kwargs):
+        int_method = int_method or self.int_method
+        inference_step = inference_step or self.num_inference_steps
+        if use_classifier_free_guidance is None:
+            use_classifier_free_guidance = self.use_classifier_free_guidance
+        if inference_guidance_weight is None:
+            inference_guidance_weight = self.inference_guidance_weight
+        if use_classifier_free_guidance and unguided_step_fn is None:
+            raise ValueError("unguided_step_fn")
+        if int_method != "euler":
+            raise ValueError(int_method)
+        return self._euler(batch_size=batch_size, step_fn=step_fn,
+                           unguided_step_fn=unguided_step_fn, device=device,
+                           return_all_steps=return_all_steps, inference_step=inference_step,
+                           inference_guidance_weight=inference_guidance_weight,
+                           use_classifier_free_guidance=use_classifier_free_guidance,
+                           temperature=temperature)
+
+    @staticmethod
+    def _guided_v(step_fn, x, t, unguided_step_fn, inference_guidance_weight):
+        vg = step_fn(x=x, t=t)
+        vu = unguided_step_fn(x=x, t=t)
+        return (1 - inference_guidance_weight) * vu + inference_guidance_weight * vg
+
+    def _euler(self, batch_size, step_fn, unguided_step_fn=None, device=torch.device("cpu"),
+               return_all_steps=False, inference_step=None, inference_guidance_weight=None,
+               use_classifier_free_guidance=None, temperature=1.0, generator=None):
+        x = torch.randn(batch_size, *self.x_dims, device=device, generator=generator) * temperature
+
+        def velocity(x, t):
+            if use_classifier_free_guidance:
+                return self._guided_v(step_fn=step_fn, x=x, t=t,
+                                      unguided_step_fn=unguided_step_fn,
+                                      inference_guidance_weight=inference_guidance_weight)
+            return step_fn(x=x, t=t)
+
+        return _euler(x, inference_step, velocity, device, return_all_steps)
+
+
+class OriginalRL(_Original):
+    """The RL recipes' ``FlowMatching`` (SPEC: "The RL recipes' FlowMatching"): R1's base, the
+    ``or`` fall-backs, ``sample`` dispatching to ``_euler`` / ``_midpoint`` / ``_sde`` with the
+    recipes' arguments, ``_guided_v`` making the guided velocity."""
+
+    def __init__(self, int_method="euler", train_timestep_sampler="beta", num_inference_steps=10,
+                 train_ignore_guidance_rate=0.1, inference_guidance_weight=1.0,
+                 use_classifier_free_guidance=False, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.int_method = int_method
+        self.train_timestep_sampler = train_timestep_sampler
+        self.num_inference_steps = num_inference_steps
+        self.train_ignore_guidance_rate = train_ignore_guidance_rate
+        self.inference_guidance_weight = inference_guidance_weight
+        self.use_classifier_free_guidance = use_classifier_free_guidance
+
+    @torch.no_grad()
+    def sample(self, batch_size, step_fn, unguided_step_fn=None, device=torch.device("cpu"),
+               return_all_steps=False, inference_step=None, timesteps=None, int_method=None,
+               inference_guidance_weight=None, use_classifier_free_guidance=None, temperature=1.0,
+               *args, **kwargs):
+        int_method = int_method or self.int_method
+        weight = inference_guidance_weight or self.inference_guidance_weight
+        use = (self.use_classifier_free_guidance if use_classifier_free_guidance is None
+               else use_classifier_free_guidance)
+        steps = self.num_inference_steps if inference_step is None else inference_step
+        common = dict(batch_size=batch_size, step_fn=step_fn, unguided_step_fn=unguided_step_fn,
+                      device=device, inference_guidance_weight=weight,
+                      use_classifier_free_guidance=use, temperature=temperature,
+                      generator=kwargs.get("generator"))
+        if int_method in ("euler", "midpoint"):
+            return getattr(self, "_" + int_method)(return_all_steps=return_all_steps,
+                                                   inference_step=steps, **common)
+        x, log_prob, all_steps, grid = self._sde(
+            batch_size, step_fn, unguided_step_fn, device, steps, timesteps, weight,
+            noise_level=kwargs.get("noise_level", 0.7), samples_list=kwargs.get("samples_list"),
+            generator=kwargs.get("generator"), sde_type=kwargs.get("sde_type", "sde"),
+            use_classifier_free_guidance=use, temperature=temperature)
+        if kwargs.get("return_info", False):
+            return dict(x=x, log_prob=log_prob, all_steps=all_steps, timesteps=grid)
+        return (all_steps, grid) if return_all_steps else x
+
+    @staticmethod
+    def _guided_v(step_fn, x, t, unguided_step_fn, inference_guidance_weight):
+        vg = step_fn(x=x, t=t)
+        vu = unguided_step_fn(x=x, t=t)
+        return (1 - inference_guidance_weight) * vu + inference_guidance_weight * vg
+
+    def _loop(self, method, batch_size, step_fn, unguided_step_fn, device, inference_step,
+              inference_guidance_weight, use_classifier_free_guidance, temperature, generator,
+              **sde):
+        def guided(*, x, t):
+            return self._guided_v(step_fn=step_fn, x=x, t=t, unguided_step_fn=unguided_step_fn,
+                                  inference_guidance_weight=inference_guidance_weight)
+
+        return spec_sample_rl(self.x_dims, batch_size,
+                              guided if use_classifier_free_guidance else step_fn, None, device,
+                              inference_step, method, False, 1.0, temperature, generator, **sde)
+
+    def _euler(self, batch_size, step_fn, unguided_step_fn=None, device=torch.device("cpu"),
+               return_all_steps=False, inference_step=None, inference_guidance_weight=None,
+               use_classifier_free_guidance=None, temperature=1.0, generator=None):
+        _, _, states, grid = self._loop("euler", batch_size, step_fn, unguided_step_fn, device,
+                                        inference_step or self.num_inference_steps,
+                                        inference_guidance_weight, use_classifier_free_guidance,
+                                        temperature, generator)
+        return (states, grid) if return_all_steps else states[:, -1]
+
+    def _midpoint(self, batch_size, step_fn, unguided_step_fn=None, device=torch.device("cpu"),
+                  return_all_steps=False, inference_step=None, inference_guidance_weight=None,
+                  use_classifier_free_guidance=None, temperature=1.0, generator=None):
+        _, _, states, grid = self._loop("midpoint", batch_size, step_fn, unguided_step_fn, device,
+                                        inference_step or self.num_inference_steps,
+                                        inference_guidance_weight, use_classifier_free_guidance,
+                                        temperature, generator)
+        return (states, grid) if return_all_steps else states[:, -1]
+
+    def _sde(self, batch_size, step_fn, unguided_step_fn=None, device=torch.device("cpu"),
+             inference_step=None, timesteps=None, inference_guidance_weight=None, noise_level=0.7,
+             samples_list=None, generator=None, sde_type="sde", use_classifier_free_guidance=False,
+             temperature=1.0):
+        return self._loop("sde", batch_size, step_fn, unguided_step_fn, device, inference_step,
+                          inference_guidance_weight, use_classifier_free_guidance, temperature,
+                          generator, noise_level=noise_level, timesteps=timesteps,
+                          samples_list=samples_list)
+
+
+for _cls, _module in ((OriginalR1, "alpamayo_r1.diffusion.flow_matching"),
+                      (Original1_5, "alpamayo1_5.diffusion.flow_matching"),
+                      (OriginalRL, "alpamayo1_x_rl.diffusion.flow_matching")):
+    _cls.__name__ = _cls.__qualname__ = "FlowMatching"
+    _cls.__module__ = _module

@@ -97,19 +97,20 @@ def test_bad_x_dims(x_dims):
 
 
 def test_bad_counts():
-    with pytest.raises(ValueError, match="num_inference_steps"):
-        FlowMatching(x_dims=2, num_inference_steps=0)
-    fm = FlowMatching(x_dims=2)
+    fm = FlowMatching(x_dims=2, num_inference_steps=0)  # the original constructs it too
     field = lambda *, x, t: x  # noqa: E731
-    with pytest.raises(ValueError, match="inference_step must be >= 1, got 0"):
-        fm.sample(2, field, inference_step=0)
+    with pytest.raises(ValueError, match="num_inference_steps must be >= 1, got 0"):
+        fm.sample(2, field)  # where it is used
+    with pytest.raises(ValueError, match="inference_step must be >= 1, got -1"):
+        fm.sample(2, field, inference_step=-1)
     with pytest.raises(ValueError, match="batch_size must be >= 0, got -1"):
-        fm.sample(-1, field)
+        fm.sample(-1, field, inference_step=2)
 
 
 def test_bad_int_method():
-    with pytest.raises(ValueError, match="int_method"):
-        FlowMatching(x_dims=2, int_method="sde")
+    fm = FlowMatching(x_dims=2, int_method="sde")  # the original constructs it, fails to sample
+    with pytest.raises(ValueError, match="int_method must be one of .*; got 'sde'"):
+        fm.sample(2, lambda *, x, t: x)
     with pytest.raises(ValueError, match="'bogus'"):
         FlowMatching(x_dims=2).sample(2, lambda *, x, t: x, int_method="bogus")
 
@@ -124,7 +125,7 @@ def test_bad_backend_name(monkeypatch):
 
 def test_field_returning_non_tensor():
     fm = FlowMatching(x_dims=2)
-    with pytest.raises(TypeError, match="must return a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match="must return a torch.Tensor or a real number, got list"):
         fm.sample(2, lambda *, x, t: [0.0, 1.0])
 
 
