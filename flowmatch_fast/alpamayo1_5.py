@@ -39,7 +39,7 @@ class FlowMatching(Sampling, BaseDiffusion):
     ``FlowMatching(int_method, num_inference_steps, inference_guidance_weight, *args, **kwargs)``;
     the extra positionals and keywords go to :class:`BaseDiffusion` (``x_dims``,
     ``use_classifier_free_guidance``). No training helpers, parameters or buffers. Our options are
-    keyword-only, as on the R1 class: ``backend``, ``cuda_graph``, ``max_graphs``.
+    keyword-only, as on the R1 class: ``backend``, ``cuda_graph``, ``max_graphs``, ``compile``.
     """
 
     def __init__(
@@ -51,10 +51,12 @@ class FlowMatching(Sampling, BaseDiffusion):
         backend: Optional[str] = None,
         cuda_graph: bool = False,
         max_graphs: int = 8,
+        compile: Union[bool, str] = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self._init_sampling(int_method, num_inference_steps, backend, cuda_graph, max_graphs)
+        self._init_sampling(int_method, num_inference_steps, backend, cuda_graph, max_graphs,
+                            compile)
         self.inference_guidance_weight = inference_guidance_weight
 
     def _options(self, unguided_step_fn, return_all_steps, inference_step, int_method,
@@ -90,6 +92,7 @@ class FlowMatching(Sampling, BaseDiffusion):
         temperature: float = 1.0,
         *args,
         cuda_graph: Optional[bool] = None,
+        compile: Optional[Union[bool, str]] = None,
         timesteps=None,
         shift: Optional[float] = None,
         noise: Optional[torch.Tensor] = None,
@@ -104,16 +107,17 @@ class FlowMatching(Sampling, BaseDiffusion):
         ``return_all_steps=True``, ``(states [B, T+1, *x_dims], grid [T+1])``.
 
         Keyword-only options as on the R1 class's ``sample``: ``cuda_graph`` (both fields in one
-        graph, both identities in the cache key), ``timesteps``/``shift``, ``noise`` (replaces
-        the ``torch.randn`` draw; ``temperature`` still multiplies it), ``generator``; and
-        ``int_method`` also takes ``"midpoint"``, ``"heun"``, ``"rk4"``.
+        graph, both identities in the cache key), ``compile`` (both fields in one compiled
+        region), ``timesteps``/``shift``, ``noise`` (replaces the ``torch.randn`` draw;
+        ``temperature`` still multiplies it), ``generator``; and ``int_method`` also takes
+        ``"midpoint"``, ``"heun"``, ``"rk4"``.
         """
         base.warn_unknown_keywords("alpamayo1_5.FlowMatching.sample", kwargs)
         extra, options = self._options(
             unguided_step_fn, return_all_steps, inference_step, int_method,
             use_classifier_free_guidance, inference_guidance_weight, temperature, timesteps,
             shift, noise, generator)
-        return self._sample((step_fn, *extra), batch_size, device, cuda_graph, options)
+        return self._sample((step_fn, *extra), batch_size, device, cuda_graph, options, compile)
 
     @torch.no_grad()
     def capture(
@@ -130,6 +134,7 @@ class FlowMatching(Sampling, BaseDiffusion):
         temperature: float = 1.0,
         *,
         warmup: int = 2,
+        compile: Optional[Union[bool, str]] = None,
         timesteps=None,
         shift: Optional[float] = None,
         noise: Optional[torch.Tensor] = None,
@@ -144,4 +149,4 @@ class FlowMatching(Sampling, BaseDiffusion):
             unguided_step_fn, return_all_steps, inference_step, int_method,
             use_classifier_free_guidance, inference_guidance_weight, temperature, timesteps,
             shift, noise, generator)
-        return self._capture((step_fn, *extra), batch_size, device, warmup, options)
+        return self._capture((step_fn, *extra), batch_size, device, warmup, options, compile)
