@@ -141,24 +141,26 @@ def compiled_plan(plan):
     return plan._replace(noise=noise, generator=None)
 
 
-def call_token(sampler, fields, batch_size, device, options):
+def call_token(sampler, fields, batch_size, device, on_cuda, options):
     """Everything that decides a call's plan and cache key, as a tuple compared by value, or
-    ``None`` when some part cannot be compared that way (a tensor, noise, a generator, an
-    explicit grid: those calls take the full path). Types are part of it (``True == 1``), and the
-    sign of a float zero (``-0.0 == 0.0`` but the mix rounds each its own way)."""
-    if (options.noise is not None or options.generator is not None
-            or options.timesteps is not None or type(batch_size) is not int
-            or (device.type == "cuda" and device.index is None)):
-        return None
+    ``None`` when some part cannot be compared that way (a tensor: noise or a grid; a generator;
+    a list of timesteps; a CUDA device without an index; autocast on): those calls take the
+    full path. Types are part of it (``True == 1``), and the sign of a zero weight or
+    temperature (``-0.0 == 0.0``, but each rounds its own way)."""
     kinds = tuple(map(type, options))
-    if not _PLAIN.issuperset(kinds):
+    if (type(batch_size) is not int or not _PLAIN.issuperset(kinds) or _autocast()
+            or (on_cuda and device.index is None)):
         return None
-    autocast = torch.is_autocast_enabled(device.type)
-    return (batch_size, device, options, kinds, math.copysign(1.0, options.weight),
-            math.copysign(1.0, options.temperature), tuple(field_key(f)[0] for f in fields),
-            sampler.int_method, sampler.num_inference_steps, type(sampler.num_inference_steps),
-            tuple(sampler.x_dims), sampler.backend, torch.get_default_dtype(),
-            autocast and torch.get_autocast_dtype(device.type))
+    w, temperature = options.weight, options.temperature
+    return (batch_size, device, options, kinds, w == 0 and math.copysign(1.0, w),
+            temperature == 0 and math.copysign(1.0, temperature),
+            *[field_key(f)[0] for f in fields], sampler.int_method, sampler.num_inference_steps,
+            type(sampler.num_inference_steps), tuple(sampler.x_dims), sampler.backend,
+            torch.get_default_dtype())
+
+
+def _autocast() -> bool:
+    return torch._C._is_any_autocast_enabled()
 
 
 _PLAIN = frozenset((type(None), bool, int, float, str))

@@ -117,7 +117,7 @@ class Sampling:
         compiling = bool(mode) and not in_user_graph and not torch.compiler.is_compiling()
         token = None
         if compiling and not cacheable:
-            token = compiled.call_token(self, fields, batch_size, device, options)
+            token = compiled.call_token(self, fields, batch_size, device, on_cuda, options)
             out = self._compiled.repeat(token, fields)
             if out is not None:
                 return out
