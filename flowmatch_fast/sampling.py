@@ -37,7 +37,7 @@ class Sampling:
         self.backend = backends.check_backend_name(backend)
         self.cuda_graph = arguments.check_bool("cuda_graph", cuda_graph)
         self._graphs = GraphCache(max_graphs)
-        self.compile = compiled.check_mode(compile)
+        self.compile_mode = compiled.check_mode(compile)  # not `compile`: nn.Module.compile
         self._compiled = compiled.CompiledCalls(max_graphs)
         self._warned_not_cuda = False
 
@@ -104,7 +104,7 @@ class Sampling:
         graph cache keyed on every field's identity (``fields``: the fields the plan calls,
         guided first; each watched for eviction) and the plan."""
         use_graph = self.cuda_graph if cuda_graph is None else arguments.check_bool("cuda_graph", cuda_graph)
-        mode = self.compile if compile is None else compiled.check_mode(compile)
+        mode = self.compile_mode if compile is None else compiled.check_mode(compile)
         device = arguments.sampling_device(device)
         on_cuda = device.type == "cuda"
         in_user_graph = on_cuda and not torch.compiler.is_compiling() and _capturing(device)
@@ -152,7 +152,7 @@ class Sampling:
                  compile=None):
         """``capture``'s body: one sampling call captured in a CUDA graph (compiled first when
         ``compile`` or the constructor's says so)."""
-        mode = self.compile if compile is None else compiled.check_mode(compile)
+        mode = self.compile_mode if compile is None else compiled.check_mode(compile)
         device = arguments.sampling_device(device)
         if device.type != "cuda":
             raise RuntimeError(

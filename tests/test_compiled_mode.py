@@ -7,7 +7,9 @@ plain-torch updates (Inductor fuses them), so this file runs in the plain-torch 
 (the Makefile's kernel passes skip it).
 """
 
+import copy
 import gc
+import pickle
 import warnings
 import weakref
 
@@ -303,6 +305,24 @@ def test_every_signature_compiles_past_dynamo_s_recompile_limit(monkeypatch):
             fm.sample(batch, elementwise)
     assert unique_graphs() == graphs + 10
     assert fm.compile_stats.compiles == 10
+
+
+def test_copies_start_empty_and_keep_the_mode(eager_regions):
+    """deepcopy / pickle of a sampler with compiled regions: same mode, nothing compiled, zeroed
+    stats; the option lives in ``compile_mode`` (``nn.Module.compile`` stays the method)."""
+    fm = FlowMatching(x_dims=DIMS, num_inference_steps=3, compile="checked")
+    for _ in range(3):
+        fm.sample(B, elementwise)
+    assert len(fm._compiled) == 1
+    for twin in (copy.deepcopy(fm), pickle.loads(pickle.dumps(fm))):
+        assert twin.compile_mode == "checked" and len(twin._compiled) == 0
+        assert twin.compile_stats == compiled.CompileStats()
+        assert fm.state_dict() == {} == twin.state_dict()
+        torch.manual_seed(0)
+        got = twin.sample(B, elementwise)
+        torch.manual_seed(0)
+        assert_bitwise(got, fm.sample(B, elementwise), "copy")
+    assert callable(fm.compile) and fm.compile.__func__ is torch.nn.Module.compile
 
 
 # ------------------------------------------------------------------------ GPU: inside our graph
