@@ -148,8 +148,8 @@ def call_token(sampler, fields, batch_size, device, on_cuda, options):
     full path. Types are part of it (``True == 1``), and the sign of a zero weight or
     temperature (``-0.0 == 0.0``, but each rounds its own way)."""
     kinds = tuple(map(type, options))
-    if (type(batch_size) is not int or not _PLAIN.issuperset(kinds) or _autocast()
-            or (on_cuda and device.index is None)):
+    if (type(batch_size) is not int or not _PLAIN.issuperset(kinds)
+            or torch._C._is_any_autocast_enabled() or (on_cuda and device.index is None)):
         return None
     w, temperature = options.weight, options.temperature
     return (batch_size, device, options, kinds, w == 0 and math.copysign(1.0, w),
@@ -157,10 +157,6 @@ def call_token(sampler, fields, batch_size, device, on_cuda, options):
             *[field_key(f)[0] for f in fields], sampler.int_method, sampler.num_inference_steps,
             type(sampler.num_inference_steps), tuple(sampler.x_dims), sampler.backend,
             torch.get_default_dtype())
-
-
-def _autocast() -> bool:
-    return torch._C._is_any_autocast_enabled()
 
 
 _PLAIN = frozenset((type(None), bool, int, float, str))
@@ -178,8 +174,9 @@ class CompiledCalls:
     call before its compile.
 
     Repeated calls skip planning: a call whose :func:`call_token` equals the last compiled
-    call's, with that call's fields still alive, runs its region directly (``_plan`` and
-    ``key()`` cost ~8 us a call on this CPU; bench/test_bench.py measures the path).
+    call's, with that call's fields still alive, runs its region directly. Beyond its region a
+    call costs 16 us that way and 52 us through planning, the key and the cache (this 2-core
+    CPU, loaded; bench/test_bench.py's compile-overhead rows).
     """
 
     def __init__(self, max_entries: int):
@@ -280,10 +277,6 @@ class CompiledCalls:
         self._graph_compiles += 1
         self._seconds += time.perf_counter() - t0
         return sampler
-
-    def clear(self):
-        self._cache.clear()
-        self._last = None
 
 
 def _no_region():
