@@ -76,6 +76,13 @@ class Sampling:
                      bool(return_all_steps), backend, guidance, weight if guidance else 1.0,
                      temperature, grid_values, grid_key, shift, noise, generator)
 
+    def _plan_state(self) -> tuple:
+        """The attributes :meth:`_plan` reads, for the compiled mode's repeat path (a call with
+        the same arguments and these runs the last region unplanned): a subclass whose plan
+        reads more attributes adds them here."""
+        steps = self.num_inference_steps
+        return self.int_method, steps, type(steps), tuple(self.x_dims), self.backend
+
     def _run(self, plan: "_Plan", step_fn, unguided_fn=None):
         """The eager sampling call (also what a CUDA graph captures)."""
         if plan.noise is not None:
