@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import arguments, backends
+from . import arguments, backends, compiled
 from .base import as_int
 from .graph import CapturedSampler, GraphCache, cuda_device, field_key, warn_not_cuda
 from .integrators import METHODS, Trajectory, integrate
@@ -27,7 +27,7 @@ class Sampling:
     one field on the doubled batch) or ``"mix"`` (Alpamayo 1.5: a second, unguided field)."""
 
     def _init_sampling(self, int_method, num_inference_steps, backend, cuda_graph,
-                       max_graphs) -> None:
+                       max_graphs, compile=False) -> None:
         """Keep the options both classes share (their attributes of those names): ours are
         checked now; the originals' (``int_method``, ``num_inference_steps``) where a call uses
         them, as the originals take any value and fail only there."""
@@ -36,6 +36,8 @@ class Sampling:
         self.backend = backends.check_backend_name(backend)
         self.cuda_graph = arguments.check_bool("cuda_graph", cuda_graph)
         self._graphs = GraphCache(max_graphs)
+        self.compile_mode = compiled.check_mode(compile)  # not `compile`: nn.Module.compile
+        self._compiled = compiled.CompiledCalls(max_graphs)
         self._warned_not_cuda = False
 
     def _plan(self, batch_size, device, options: "Options", captured=False) -> "_Plan":
@@ -72,6 +74,13 @@ class Sampling:
                      bool(return_all_steps), backend, guidance, weight if guidance else 1.0,
                      temperature, grid_values, grid_key, shift, noise, generator)
 
+    def _plan_state(self) -> tuple:
+        """The attributes :meth:`_plan` reads, for the compiled mode's repeat path (a call with
+        the same arguments and these runs the last region unplanned): a subclass whose plan
+        reads more attributes adds them here."""
+        steps = self.num_inference_steps
+        return self.int_method, steps, type(steps), tuple(self.x_dims), self.backend
+
     def _run(self, plan: "_Plan", step_fn, unguided_fn=None):
         """The eager sampling call (also what a CUDA graph captures)."""
         if plan.noise is not None:
@@ -94,11 +103,13 @@ class Sampling:
             return trajectory.states, values if plan.grid_values is None else values.clone()
         return x
 
-    def _sample(self, fields: tuple, batch_size, device, cuda_graph, options: "Options"):
-        """``sample``'s body: eager, or through the graph cache keyed on every field's identity
-        (``fields``: the fields the plan calls, guided first; each watched for eviction) and
-        the plan."""
+    def _sample(self, fields: tuple, batch_size, device, cuda_graph, options: "Options",
+                compile=None):
+        """``sample``'s body: eager, compiled (:mod:`flowmatch_fast.compiled`), or through the
+        graph cache keyed on every field's identity (``fields``: the fields the plan calls,
+        guided first; each watched for eviction) and the plan."""
         use_graph = self.cuda_graph if cuda_graph is None else arguments.check_bool("cuda_graph", cuda_graph)
+        mode = self.compile_mode if compile is None else compiled.check_mode(compile)
         device = arguments.sampling_device(device)
         on_cuda = device.type == "cuda"
         in_user_graph = on_cuda and not torch.compiler.is_compiling() and _capturing(device)
@@ -107,11 +118,21 @@ class Sampling:
         # capture(noise=..., generator=...) keeps them alive instead).
         graph_wanted = use_graph and on_cuda and not in_user_graph
         cacheable = graph_wanted and options.noise is None and options.generator is None
+        # Compiled: never inside a capture or a trace in progress (the caller's own).
+        compiling = bool(mode) and not in_user_graph and not torch.compiler.is_compiling()
+        token = None
+        if compiling and not cacheable:
+            token = compiled.call_token(self, fields, batch_size, device, on_cuda, options)
+            out = self._compiled.repeat(token, fields)
+            if out is not None:
+                return out
         plan = self._plan(batch_size, device, options, captured=in_user_graph or cacheable)
-        run = functools.partial(self._run, plan, *fields)
         if use_graph and not on_cuda and not self._warned_not_cuda:
             self._warned_not_cuda = True
             warn_not_cuda(plan.device)
+        if compiling and not cacheable:
+            return self._compiled.sample(self._run, fields, plan, mode, token)
+        run = functools.partial(self._run, plan, *fields)
         if not cacheable:
             if graph_wanted:  # noise= or generator= given
                 self._graphs.count_eager_fallback()
@@ -121,25 +142,41 @@ class Sampling:
         pool, order = self._graphs.pool(graph_device)
 
         def build():  # the grid is built here, once per capture, not on every cached call
+            if compiling:  # the compiled region inside our graph
+                return self._compiled.captured(self._run, fields, plan, mode, pool=pool,
+                                               order=order, keep_alive=False)
             held = plan.with_grid()
             return CapturedSampler(functools.partial(self._run, held, *fields), graph_device,
                                    pool=pool, order=order, keep_alive=False,
                                    static_inputs=(held.grid_values,))
 
-        return self._graphs.call((*fkeys, plan.key()), watches, build, run)
+        key = (*fkeys, plan.key(), "compiled" if compiling else "eager")
+        return self._graphs.call(key, watches, build, run)
 
-    def _capture(self, fields: tuple, batch_size, device, warmup, options: "Options"):
-        """``capture``'s body: one sampling call captured in a CUDA graph."""
+    def _capture(self, fields: tuple, batch_size, device, warmup, options: "Options",
+                 compile=None):
+        """``capture``'s body: one sampling call captured in a CUDA graph (compiled first when
+        ``compile`` or the constructor's says so)."""
+        mode = self.compile_mode if compile is None else compiled.check_mode(compile)
         device = arguments.sampling_device(device)
         if device.type != "cuda":
             raise RuntimeError(
                 f"FlowMatching.capture needs a CUDA device; got {str(device)!r}. "
                 "On CPU, call FlowMatching.sample (eager) instead."
             )
-        plan = self._plan(batch_size, device, options, captured=True).with_grid()
+        plan = self._plan(batch_size, device, options, captured=True)
+        if mode:
+            return self._compiled.captured(self._run, fields, plan, mode, warmup=warmup)
+        plan = plan.with_grid()
         run = functools.partial(self._run, plan, *fields)
         return CapturedSampler(run, plan.device, warmup=warmup, generator=plan.generator,
                                static_inputs=(plan.grid_values,))
+
+    @property
+    def compile_stats(self) -> compiled.CompileStats:
+        """Counters of the compiled mode (``compile=True``): compiles, compiled calls, first
+        calls, compile seconds, ... (a snapshot)."""
+        return self._compiled.stats
 
     @property
     def graph_stats(self):
