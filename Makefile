@@ -36,10 +36,11 @@ SCRIPTS = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_path('scripts'
 NVCC_NOTE = $(if $(shell command -v nvcc 2>/dev/null),with the CUDA extension (nvcc; 40 to 65 s on 2 cores),pure Python (no nvcc: backend='cuda' unavailable))
 
 # The test passes. The kernel passes skip what does not involve the kernels: the demo, the
-# sm_90 compile checks, the command line, the packaging and the test report's own checks.
+# sm_90 compile checks, the command line, the packaging, the test report's own checks, and
+# compile=True (its region runs the plain-torch updates whatever the backend).
 PYTEST ?= $(PY) -m pytest -q
 KERNEL_PASS_SKIPS = $(addprefix --ignore=tests/,test_demo.py test_triton_compile.py test_cli.py \
-	test_install_hint.py test_packaging.py test_test_report.py)
+	test_install_hint.py test_packaging.py test_test_report.py test_compiled_mode.py)
 
 .PHONY: install demo test bench dist dist-check gpu-suite clean distclean
 

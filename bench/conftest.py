@@ -40,6 +40,30 @@ def run_benchmark(benchmark, request):
     return run
 
 
+@pytest.fixture
+def side_by_side(request):
+    """``side_by_side(group, fns, device, reps)``: every variant of ``fns`` timed interleaved in one
+    loop (``flowmatch_fast.timing.time_interleaved``: ratios unbiased by a drifting machine),
+    medians remembered for the summary; returns ``{name: Timing}``. Skips under
+    ``--benchmark-disable`` (CI's single pass), after the test's own checks."""
+    from flowmatch_fast.timing import time_interleaved
+
+    def run(group, fns, device, reps=100):
+        if request.config.getoption("benchmark_disable", False):
+            pytest.skip("timed by make bench (--benchmark-disable: checks only)")
+        timings = time_interleaved(fns, device, reps)
+        _MEDIANS[group].update({name: tm.median for name, tm in timings.items()})
+        return timings
+
+    return run
+
+
+# The compiled mode's two ratios (issue 23), printed where a group has the variants.
+_COMPILE_RATIOS = (("ours-compile", "ours-eager", "speedup of compile=True over ours eager"),
+                   ("ours-compile", "torch.compile-original",
+                    "compile=True / torch.compile of the original (default mode)"))
+
+
 def pytest_terminal_summary(terminalreporter):
     if not _MEDIANS:
         return
@@ -49,6 +73,10 @@ def pytest_terminal_summary(terminalreporter):
         for name, median in sorted(rows.items(), key=lambda kv: kv[1]):
             ratio = f"{median / base:6.3f}x of original" if base else ""
             terminalreporter.write_line(f"{group:28s} {name:16s} {median * 1e6:11.1f} us  {ratio}")
+        for ours, other, what in _COMPILE_RATIOS:
+            if ours in rows and other in rows:
+                a, b = (rows[ours], rows[other]) if "speedup" not in what else (rows[other], rows[ours])
+                terminalreporter.write_line(f"{group:28s} {what}: {a / b:.2f}x")
 
 
 def pytest_configure(config):

@@ -41,7 +41,7 @@ class FlowMatching(Sampling, BaseDiffusion):
     ``FlowMatching(int_method, num_inference_steps, inference_guidance_weight, *args, **kwargs)``;
     the extra positionals and keywords go to :class:`BaseDiffusion` (``x_dims``,
     ``use_classifier_free_guidance``). No training helpers, parameters or buffers. Our options are
-    keyword-only, as on the R1 class: ``backend``, ``cuda_graph``, ``max_graphs``.
+    keyword-only, as on the R1 class: ``backend``, ``cuda_graph``, ``max_graphs``, ``compile``.
     """
 
     def __init__(
@@ -53,10 +53,12 @@ class FlowMatching(Sampling, BaseDiffusion):
         backend: Optional[str] = None,
         cuda_graph: bool = False,
         max_graphs: int = 8,
+        compile: Union[bool, str] = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self._init_sampling(int_method, num_inference_steps, backend, cuda_graph, max_graphs)
+        self._init_sampling(int_method, num_inference_steps, backend, cuda_graph, max_graphs,
+                            compile)
         self.inference_guidance_weight = inference_guidance_weight
 
     def _resolve(self, use_classifier_free_guidance, inference_guidance_weight):
@@ -99,7 +101,7 @@ class FlowMatching(Sampling, BaseDiffusion):
         signature and its result (guidance only when ``use_classifier_free_guidance`` is true).
         The options of ours given to the ``sample`` call that reached it (through a wrapper)
         apply; its own arguments win."""
-        options, cuda_graph = base.passed_through() or (Options(), None)
+        options, cuda_graph, compile = base.passed_through() or (Options(), None, None)
         options = options._replace(return_all_steps=return_all_steps, int_method="euler",
                                    inference_step=inference_step, temperature=temperature,
                                    generator=generator)
@@ -107,7 +109,7 @@ class FlowMatching(Sampling, BaseDiffusion):
             inference_guidance_weight = self.inference_guidance_weight
         fields, options = self._fields(step_fn, unguided_step_fn, use_classifier_free_guidance,
                                        inference_guidance_weight, options)
-        return self._sample(fields, batch_size, device, cuda_graph, options)
+        return self._sample(fields, batch_size, device, cuda_graph, options, compile)
 
     @torch.no_grad()
     def sample(
@@ -124,6 +126,7 @@ class FlowMatching(Sampling, BaseDiffusion):
         temperature: float = 1.0,
         *args,
         cuda_graph: Optional[bool] = None,
+        compile: Optional[Union[bool, str]] = None,
         timesteps=None,
         shift: Optional[float] = None,
         noise: Optional[torch.Tensor] = None,
@@ -138,9 +141,10 @@ class FlowMatching(Sampling, BaseDiffusion):
         ``return_all_steps=True``, ``(states [B, T+1, *x_dims], grid [T+1])``.
 
         Keyword-only options as on the R1 class's ``sample``: ``cuda_graph`` (both fields in one
-        graph, both identities in the cache key), ``timesteps``/``shift``, ``noise`` (replaces
-        the ``torch.randn`` draw; ``temperature`` still multiplies it), ``generator``; and
-        ``int_method`` also takes ``"midpoint"``, ``"heun"``, ``"rk4"``.
+        graph, both identities in the cache key), ``compile`` (both fields in one compiled
+        region), ``timesteps``/``shift``, ``noise`` (replaces the ``torch.randn`` draw;
+        ``temperature`` still multiplies it), ``generator``; and ``int_method`` also takes
+        ``"midpoint"``, ``"heun"``, ``"rk4"``.
         """
         base.warn_unknown_keywords("alpamayo1_5.FlowMatching.sample", kwargs, type(self))
         use, weight = self._resolve(use_classifier_free_guidance, inference_guidance_weight)
@@ -149,10 +153,10 @@ class FlowMatching(Sampling, BaseDiffusion):
         fields, call = self._fields(step_fn, unguided_step_fn, use, weight, options)
         euler = base.euler_override(self, int_method, _OWN_EULER)
         if euler is None:
-            return self._sample(fields, batch_size, device, cuda_graph, call)
+            return self._sample(fields, batch_size, device, cuda_graph, call, compile)
         # replaced on the instance or a subclass: called as the original calls it (``generator``
         # only when given, so that a wrapper written for the release without it still runs)
-        with base.passing_through((options, cuda_graph)):
+        with base.passing_through((options, cuda_graph, compile)):
             return euler(batch_size=batch_size, step_fn=step_fn, unguided_step_fn=unguided_step_fn,
                          device=device, return_all_steps=return_all_steps,
                          inference_step=euler_steps(inference_step, self.num_inference_steps,
@@ -176,6 +180,7 @@ class FlowMatching(Sampling, BaseDiffusion):
         temperature: float = 1.0,
         *,
         warmup: int = 2,
+        compile: Optional[Union[bool, str]] = None,
         timesteps=None,
         shift: Optional[float] = None,
         noise: Optional[torch.Tensor] = None,
@@ -190,7 +195,7 @@ class FlowMatching(Sampling, BaseDiffusion):
         fields, options = self._fields(step_fn, unguided_step_fn, use, weight, Options(
             return_all_steps, inference_step, int_method, None, 1.0, temperature, timesteps, shift,
             noise, generator))
-        return self._capture(fields, batch_size, device, warmup, options)
+        return self._capture(fields, batch_size, device, warmup, options, compile)
 
 
 # What `sample` runs itself, unless replaced on the instance or a subclass.

@@ -38,7 +38,7 @@ class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
     train_ignore_guidance_rate, inference_guidance_weight, use_classifier_free_guidance, *args,
     **kwargs)`` (``x_dims`` by keyword, to R1's base); ``int_method`` in ``"euler"``,
     ``"midpoint"``, ``"sde"``. Our options are keyword-only: ``backend``, ``cuda_graph``,
-    ``max_graphs``, as on the other classes.
+    ``max_graphs``, ``compile``, as on the other classes.
     """
 
     _methods = tuple(_PLAN_METHODS.values())
@@ -55,17 +55,17 @@ class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
         backend: Optional[str] = None,
         cuda_graph: bool = False,
         max_graphs: int = 8,
+        compile: Union[bool, str] = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         # As the recipes: kept as given, checked where used (sample, construct_training_data).
-        self.int_method = int_method
+        self._init_sampling(int_method, num_inference_steps, backend, cuda_graph, max_graphs,
+                            compile)
         self.train_timestep_sampler = train_timestep_sampler
-        self.num_inference_steps = num_inference_steps
         self.train_ignore_guidance_rate = train_ignore_guidance_rate
         self.inference_guidance_weight = inference_guidance_weight
         self.use_classifier_free_guidance = use_classifier_free_guidance
-        self._init_options(backend, cuda_graph, max_graphs)
         if train_timestep_sampler == "beta":
             # Plain attributes, not buffers: state_dict() stays {} and .to(dtype) cannot touch them.
             self.beta_dist = torch.distributions.Beta(
@@ -128,6 +128,7 @@ class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
         temperature: float = 1.0,
         *args,
         cuda_graph: Optional[bool] = None,
+        compile: Optional[Union[bool, str]] = None,
         generator=None,
         noise_level: float = 0.7,
         samples_list: Optional[list] = None,
@@ -159,9 +160,9 @@ class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
             options = self._options(method, steps, unguided_step_fn, weight, use, temperature,
                                     generator, return_all_steps and rollout is None, rollout)
             fields, options = self._fields(step_fn, unguided_step_fn, use, weight, options)
-            return _returned(self._sample(fields, batch_size, device, cuda_graph, options), form,
-                             rollout is not None)
-        with base.passing_through((Options(), cuda_graph)):  # the recipes' call of the override
+            return _returned(self._sample(fields, batch_size, device, cuda_graph, options,
+                                          compile), form, rollout is not None)
+        with base.passing_through((Options(), cuda_graph, compile)):  # the recipes' call of the override
             if method != "sde":
                 return override(batch_size=batch_size, step_fn=step_fn,
                                 unguided_step_fn=unguided_step_fn, device=device,
@@ -179,13 +180,13 @@ class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
                     inference_step, inference_guidance_weight, use_classifier_free_guidance,
                     temperature, generator):
         """The body of our ``_euler`` and ``_midpoint`` (the recipes' signatures)."""
-        cuda_graph = (base.passed_through() or (None, None))[1]
+        _, cuda_graph, compile = base.passed_through() or (None, None, None)
         options = self._options(method, inference_step, unguided_step_fn,
                                 inference_guidance_weight, use_classifier_free_guidance,
                                 temperature, generator, return_all_steps)
         fields, options = self._fields(step_fn, unguided_step_fn, use_classifier_free_guidance,
                                        inference_guidance_weight, options)
-        return self._sample(fields, batch_size, device, cuda_graph, options)
+        return self._sample(fields, batch_size, device, cuda_graph, options, compile)
 
     def _euler(self, batch_size: int, step_fn: StepFn, unguided_step_fn: Optional[StepFn] = None,
                device=torch.device("cpu"), return_all_steps: bool = False, inference_step=None,
@@ -213,14 +214,14 @@ class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
              sde_type="sde", use_classifier_free_guidance=False, temperature=1.0):
         """The recipes' private SDE sampler (its signature): ``(x, log_prob [B], all_steps
         [B, T+1, ...], timesteps [T+1])``."""
-        cuda_graph = (base.passed_through() or (None, None))[1]
+        _, cuda_graph, compile = base.passed_through() or (None, None, None)
         rollout = RolloutOptions(timesteps, noise_level, samples_list, sde_type, True)
         options = self._options("sde", inference_step, unguided_step_fn, inference_guidance_weight,
                                 use_classifier_free_guidance, temperature, generator,
                                 rollout=rollout)
         fields, options = self._fields(step_fn, unguided_step_fn, use_classifier_free_guidance,
                                        inference_guidance_weight, options)
-        return self._sample(fields, batch_size, device, cuda_graph, options)
+        return self._sample(fields, batch_size, device, cuda_graph, options, compile)
 
     @torch.no_grad()
     def capture(
@@ -238,6 +239,7 @@ class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
         temperature: float = 1.0,
         *,
         warmup: int = 2,
+        compile: Optional[Union[bool, str]] = None,
         generator=None,
         noise_level: float = 0.7,
         samples_list: Optional[list] = None,
@@ -259,7 +261,7 @@ class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
         options = self._options(method, steps, unguided_step_fn, weight, use, temperature,
                                 generator, return_all_steps and rollout is None, rollout)
         fields, options = self._fields(step_fn, unguided_step_fn, use, weight, options)
-        captured = self._capture(fields, batch_size, device, warmup, options)
+        captured = self._capture(fields, batch_size, device, warmup, options, compile)
         return RolloutSampler(captured, form, rollout is not None)
 
     @staticmethod

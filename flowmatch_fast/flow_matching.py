@@ -52,6 +52,10 @@ class FlowMatching(Sampling, BaseDiffusion):
     - ``cuda_graph``: capture each distinct sampling call in a CUDA graph (on its second call)
       and replay it (default ``False``; ``sample(..., cuda_graph=...)`` overrides it per call).
     - ``max_graphs``: bound of that cache (default 8); past it, new signatures run eagerly.
+    - ``compile``: ``True`` runs each sampling call as one ``torch.compile`` region, bitwise the
+      eager call (compiled on a signature's second call; :mod:`flowmatch_fast.compiled`),
+      ``"checked"`` also compares its first compiled call with the eager one and warns on a
+      difference (default ``False``; ``sample(..., compile=...)`` overrides it per call).
     """
 
     def __init__(
@@ -65,10 +69,12 @@ class FlowMatching(Sampling, BaseDiffusion):
         backend: Optional[str] = None,
         cuda_graph: bool = False,
         max_graphs: int = 8,
+        compile: Union[bool, str] = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self._init_sampling(int_method, num_inference_steps, backend, cuda_graph, max_graphs)
+        self._init_sampling(int_method, num_inference_steps, backend, cuda_graph, max_graphs,
+                            compile)
         self.train_timestep_sampler = train_timestep_sampler
         self.train_ignore_guidance_rate = train_ignore_guidance_rate
         self.inference_guidance_weight = inference_guidance_weight
@@ -91,6 +97,7 @@ class FlowMatching(Sampling, BaseDiffusion):
         int_method: Optional[str] = None,
         *args,
         cuda_graph: Optional[bool] = None,
+        compile: Optional[Union[bool, str]] = None,
         guidance: bool = False,
         guidance_weight: Optional[float] = None,
         timesteps=None,
@@ -105,6 +112,8 @@ class FlowMatching(Sampling, BaseDiffusion):
         ``(states [B, T+1, *x_dims], grid [T+1])``. Keyword-only options (ours):
 
         - ``cuda_graph``: use the bounded graph cache for this call (default: the constructor's);
+        - ``compile``: ``False``, ``True`` or ``"checked"`` for this call (default: the
+          constructor's); with ``cuda_graph`` on a GPU, the compiled region is what is captured;
         - ``int_method`` also takes ``"midpoint"``, ``"heun"``, ``"rk4"`` (fixed-step);
         - ``guidance=True``: the field is called on the doubled batch ``[x; x]`` (rows ``:B``
           conditional, ``B:`` unconditional) and ``v = vu + w * (vc - vu)`` with
@@ -120,20 +129,21 @@ class FlowMatching(Sampling, BaseDiffusion):
                               guidance_weight, timesteps, shift, noise, generator)
         euler = base.euler_override(self, int_method, _OWN_EULER)
         if euler is not None:  # replaced on the instance or a subclass: called as the original does
-            with base.passing_through((options, cuda_graph)):
+            with base.passing_through((options, cuda_graph, compile)):
                 return euler(batch_size=batch_size, step_fn=step_fn, device=device,
                              return_all_steps=return_all_steps, inference_step=euler_steps(
                                  inference_step, self.num_inference_steps, timesteps))
-        return self._sample((step_fn,), batch_size, device, cuda_graph, options)
+        return self._sample((step_fn,), batch_size, device, cuda_graph, options, compile)
 
     def _euler(self, batch_size: int, step_fn: StepFn, device=torch.device("cpu"),
                return_all_steps: bool = False, inference_step: Optional[int] = None):
         """The original's private Euler integrator, which third-party code calls and wraps:
         its signature and its result. The options of ours given to the ``sample`` call that
         reached it (through a wrapper) apply; its own arguments win."""
-        options, cuda_graph = base.passed_through() or (Options(), None)
+        options, cuda_graph, compile = base.passed_through() or (Options(), None, None)
         return self._sample((step_fn,), batch_size, device, cuda_graph, options._replace(
-            return_all_steps=return_all_steps, inference_step=inference_step, int_method="euler"))
+            return_all_steps=return_all_steps, inference_step=inference_step, int_method="euler"),
+            compile)
 
     @torch.no_grad()
     def capture(
@@ -146,6 +156,7 @@ class FlowMatching(Sampling, BaseDiffusion):
         int_method: Optional[str] = None,
         *,
         warmup: int = 2,
+        compile: Optional[Union[bool, str]] = None,
         guidance: bool = False,
         guidance_weight: Optional[float] = None,
         timesteps=None,
@@ -160,11 +171,12 @@ class FlowMatching(Sampling, BaseDiffusion):
         :meth:`sample`; a ``noise`` tensor is read on every replay (update it in place), a
         ``generator`` advances on every replay. The field must keep the contract in
         :mod:`flowmatch_fast.graph` (static shapes, inputs updated in place, no host syncs).
-        Raises ``RuntimeError`` on a non-CUDA device.
+        ``compile``: capture the compiled region (compiled during the warm-up) instead of the
+        eager loop. Raises ``RuntimeError`` on a non-CUDA device.
         """
         return self._capture((step_fn,), batch_size, device, warmup, _r1_options(
             self, return_all_steps, inference_step, int_method, guidance, guidance_weight,
-            timesteps, shift, noise, generator))
+            timesteps, shift, noise, generator), compile)
 
     # ------------------------------------------------------------------ training
     def construct_training_data(self, x: torch.Tensor) -> dict:

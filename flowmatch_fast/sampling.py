@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import arguments, backends, sde
+from . import arguments, backends, compiled, sde
 from . import noise as noise_mod
 from .base import as_int
 from .graph import CapturedSampler, GraphCache, cuda_device, field_key, warn_not_cuda
@@ -30,19 +30,17 @@ class Sampling:
     _methods = INT_METHODS  # what a plan's method may be (the RL class: its own three)
 
     def _init_sampling(self, int_method, num_inference_steps, backend, cuda_graph,
-                       max_graphs) -> None:
+                       max_graphs, compile=False) -> None:
         """Keep the options both classes share (their attributes of those names): ours are
         checked now; the originals' (``int_method``, ``num_inference_steps``) where a call uses
         them, as the originals take any value and fail only there."""
         self.int_method = int_method
         self.num_inference_steps = num_inference_steps
-        self._init_options(backend, cuda_graph, max_graphs)
-
-    def _init_options(self, backend, cuda_graph, max_graphs) -> None:
-        """Our keyword-only options (attributes ``backend``, ``cuda_graph``; the graph cache)."""
         self.backend = backends.check_backend_name(backend)
         self.cuda_graph = arguments.check_bool("cuda_graph", cuda_graph)
         self._graphs = GraphCache(max_graphs)
+        self.compile_mode = compiled.check_mode(compile)  # not `compile`: nn.Module.compile
+        self._compiled = compiled.CompiledCalls(max_graphs)
         self._warned_not_cuda = False
 
     def _plan(self, batch_size, device, options: "Options", captured=False) -> "_Plan":
@@ -77,11 +75,20 @@ class Sampling:
                 raise ValueError("give either noise= or generator=, not both (noise draws nothing)")
             arguments.check_noise(noise, (batch_size, *self.x_dims), device)
         generator = noise_mod.check_generators(generator, batch_size, device)
+        if rollout is not None:  # every step draws from them too
+            rollout = rollout._replace(generators=generator)
         numel = batch_size * math.prod(self.x_dims)
         backend = backends.resolve(self.backend, device, numel, captured)
         return _Plan(batch_size, device, tuple(self.x_dims), steps, method,
                      bool(return_all_steps), backend, guidance, weight if guidance else 1.0,
                      temperature, grid_values, grid_key, shift, noise, generator, rollout)
+
+    def _plan_state(self) -> tuple:
+        """The attributes :meth:`_plan` reads, for the compiled mode's repeat path (a call with
+        the same arguments and these runs the last region unplanned): a subclass whose plan
+        reads more attributes adds them here."""
+        steps = self.num_inference_steps
+        return self.int_method, steps, type(steps), tuple(self.x_dims), self.backend
 
     def _run(self, plan: "_Plan", step_fn, unguided_fn=None):
         """The eager sampling call (also what a CUDA graph captures)."""
@@ -101,11 +108,13 @@ class Sampling:
             return trajectory.states, values if plan.grid_values is None else values.clone()
         return x
 
-    def _sample(self, fields: tuple, batch_size, device, cuda_graph, options: "Options"):
-        """``sample``'s body: eager, or through the graph cache keyed on every field's identity
-        (``fields``: the fields the plan calls, guided first; each watched for eviction) and
-        the plan."""
+    def _sample(self, fields: tuple, batch_size, device, cuda_graph, options: "Options",
+                compile=None):
+        """``sample``'s body: eager, compiled (:mod:`flowmatch_fast.compiled`), or through the
+        graph cache keyed on every field's identity (``fields``: the fields the plan calls,
+        guided first; each watched for eviction) and the plan."""
         use_graph = self.cuda_graph if cuda_graph is None else arguments.check_bool("cuda_graph", cuda_graph)
+        mode = self.compile_mode if compile is None else compiled.check_mode(compile)
         device = arguments.sampling_device(device)
         on_cuda = device.type == "cuda"
         in_user_graph = on_cuda and not torch.compiler.is_compiling() and _capturing(device)
@@ -114,11 +123,23 @@ class Sampling:
         # capture(noise=..., generator=...) keeps them alive instead).
         graph_wanted = use_graph and on_cuda and not in_user_graph
         cacheable = graph_wanted and options.noise is None and options.generator is None
+        # Compiled: never inside a capture or a trace in progress (the caller's own), nor for the
+        # RL replay of stored samples (the caller's tensors, read where a region would bake them).
+        compiling = (bool(mode) and not in_user_graph and not torch.compiler.is_compiling()
+                     and (options.rollout is None or options.rollout.samples_list is None))
+        token = None
+        if compiling and not cacheable:
+            token = compiled.call_token(self, fields, batch_size, device, on_cuda, options)
+            out = self._compiled.repeat(token, fields)
+            if out is not None:
+                return out
         plan = self._plan(batch_size, device, options, captured=in_user_graph or cacheable)
-        run = functools.partial(self._run, plan, *fields)
         if use_graph and not on_cuda and not self._warned_not_cuda:
             self._warned_not_cuda = True
             warn_not_cuda(plan.device)
+        if compiling and not cacheable:
+            return self._compiled.sample(self._run, fields, plan, mode, token)
+        run = functools.partial(self._run, plan, *fields)
         if not cacheable:
             if graph_wanted:  # noise= or generator= given
                 self._graphs.count_eager_fallback()
@@ -128,22 +149,32 @@ class Sampling:
         pool, order = self._graphs.pool(graph_device)
 
         def build():  # the grid is built here, once per capture, not on every cached call
+            if compiling:  # the compiled region inside our graph
+                return self._compiled.captured(self._run, fields, plan, mode, pool=pool,
+                                               order=order, keep_alive=False)
             held = plan.with_grid()
             return CapturedSampler(functools.partial(self._run, held, *fields), graph_device,
                                    pool=pool, order=order, keep_alive=False,
                                    static_inputs=held.static_inputs())
 
-        return self._graphs.call((*fkeys, plan.key()), watches, build, run)
+        key = (*fkeys, plan.key(), "compiled" if compiling else "eager")
+        return self._graphs.call(key, watches, build, run)
 
-    def _capture(self, fields: tuple, batch_size, device, warmup, options: "Options"):
-        """``capture``'s body: one sampling call captured in a CUDA graph."""
+    def _capture(self, fields: tuple, batch_size, device, warmup, options: "Options",
+                 compile=None):
+        """``capture``'s body: one sampling call captured in a CUDA graph (compiled first when
+        ``compile`` or the constructor's says so)."""
+        mode = self.compile_mode if compile is None else compiled.check_mode(compile)
         device = arguments.sampling_device(device)
         if device.type != "cuda":
             raise RuntimeError(
                 f"FlowMatching.capture needs a CUDA device; got {str(device)!r}. "
                 "On CPU, call FlowMatching.sample (eager) instead."
             )
-        plan = self._plan(batch_size, device, options, captured=True).with_grid()
+        plan = self._plan(batch_size, device, options, captured=True)
+        if mode:
+            return self._compiled.captured(self._run, fields, plan, mode, warmup=warmup)
+        plan = plan.with_grid()
         run = functools.partial(self._run, plan, *fields)
         gens = plan.generator
         if noise_mod.on_host(gens, plan.device):
@@ -154,6 +185,12 @@ class Sampling:
         return CapturedSampler(run, plan.device, warmup=warmup,
                                generator=None if gens is None else gens[0],
                                static_inputs=plan.static_inputs())
+
+    @property
+    def compile_stats(self) -> compiled.CompileStats:
+        """Counters of the compiled mode (``compile=True``): compiles, compiled calls, first
+        calls, compile seconds, ... (a snapshot)."""
+        return self._compiled.stats
 
     @property
     def graph_stats(self):

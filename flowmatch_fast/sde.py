@@ -161,6 +161,9 @@ class Rollout(NamedTuple):
     samples: Optional[tuple]
     sde_type: str
     want_steps: bool
+    # what each step's noise is drawn from (noise.check_generators): kept here when the plan's
+    # own generator is spent on the initial noise before a compiled region (compiled.py)
+    generators: Optional[tuple] = None
 
     def inputs(self) -> tuple:
         """The tensors a captured rollout reads on every replay (see ``_Plan.static_inputs``)."""
@@ -218,7 +221,7 @@ def rollout(plan, x: torch.Tensor, step_fn, unguided_fn=None):
     ro = plan.rollout
     grid = ro.grid
     guidance = Guidance(plan.guidance or "none", plan.weight)
-    gens = plan.generator
+    gens = ro.generators
     t_rows = grid.t_rows(plan.batch_size, x.dim())
     samples = ro.samples
     traj = _Steps(x, grid.steps, samples) if ro.want_steps else None
