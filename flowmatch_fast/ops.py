@@ -85,6 +85,17 @@ def _sde_op(launcher):
     return sde_step, fake
 
 
+def row_mean(x: Tensor) -> Tensor:
+    """The mean over every dim but the first (the RL log-probabilities' per-row mean), as eager
+    PyTorch computes it; an opaque op under torch.compile, so that Inductor does not sum in
+    another order (its reductions differ from eager's in the last bits)."""
+    return x.mean(dim=tuple(range(1, x.dim())))
+
+
+def _row_mean_fake(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[:1])
+
+
 def _register() -> None:
     global REGISTERED
     custom_op = getattr(torch.library, "custom_op", None)
@@ -92,6 +103,8 @@ def _register() -> None:
         return
     try:
         for name, launcher in LAUNCHERS.items():
+            op = custom_op("flowmatch_fast::row_mean", row_mean, mutates_args=())
+            op.register_fake(_row_mean_fake)
             for kind, make, mutates in (("euler", _euler_op, ("out", "traj")),
                                         ("stage", _stage_op, ("out", "acc_out", "traj")),
                                         ("sde", _sde_op, ("out", "traj", "lp"))):

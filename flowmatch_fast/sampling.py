@@ -123,10 +123,13 @@ class Sampling:
         # capture(noise=..., generator=...) keeps them alive instead).
         graph_wanted = use_graph and on_cuda and not in_user_graph
         cacheable = graph_wanted and options.noise is None and options.generator is None
-        # Compiled: never inside a capture or a trace in progress (the caller's own), nor for the
-        # RL replay of stored samples (the caller's tensors, read where a region would bake them).
+        # Compiled: never inside a capture or a trace in progress (the caller's own), nor for an
+        # RL rollout that replays stored samples (the caller's tensors, which a region would
+        # bake in) or draws its steps from generators (a draw a traced region cannot hold: the
+        # region would break at each step and recompile per step index).
         compiling = (bool(mode) and not in_user_graph and not torch.compiler.is_compiling()
-                     and (options.rollout is None or options.rollout.samples_list is None))
+                     and (options.rollout is None or (options.rollout.samples_list is None
+                                                      and options.generator is None)))
         token = None
         if compiling and not cacheable:
             token = compiled.call_token(self, fields, batch_size, device, on_cuda, options)

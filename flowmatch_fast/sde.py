@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import noise as noise_mod
+from . import ops
 from .arguments import same_device
 from .integrators import _velocity, fuses
 from .kernels import reference
@@ -248,14 +249,22 @@ def rollout(plan, x: torch.Tensor, step_fn, unguided_fn=None):
         how = guidance if vu is not None else NO_GUIDANCE
         x_next, lp = sde_step(plan.backend, x, v, vu, how, grid.table, i, step_noise, replay,
                               slot)
-        log_probs.append(lp.mean(dim=tuple(range(1, lp.ndim))))
+        log_probs.append(row_mean(lp))
         x = samples[i + 1] if replay else x_next
         if traj is not None:
             traj.append(x, i + 1)
-    log_prob = torch.stack(log_probs, dim=1).mean(dim=1)
+    log_prob = row_mean(torch.stack(log_probs, dim=1))
     if traj is None:
         return x, log_prob
     return x, log_prob, traj.states(), grid.timesteps.clone()
+
+
+def row_mean(t: torch.Tensor) -> torch.Tensor:
+    """The recipes' mean over every dim but the batch: eager PyTorch's reduction, also under
+    torch.compile (the op of :mod:`flowmatch_fast.ops`, which Inductor leaves to eager)."""
+    if torch.compiler.is_compiling() and ops.REGISTERED:
+        return torch.ops.flowmatch_fast.row_mean(t)
+    return t.mean(dim=tuple(range(1, t.ndim)))
 
 
 def sde_step(backend, x, v, vu, guidance, table, i, step_noise, replay, slot):
