@@ -182,19 +182,35 @@ class Guidance(NamedTuple):
 NO_GUIDANCE = Guidance()
 
 
+def fields_as_read(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor]):
+    """The field(s) of one launch as the kernels read them: each expanded to ``x``'s shape (a
+    broadcast field keeps its stride-0 dims) and, under guidance, both with one set of strides:
+    the kernels index the second field at the first one's offsets, so when the strides differ
+    (a transposed, sliced or expanded field beside another layout; two broadcastable shapes),
+    both are copied to contiguous first. Fields that share their strides (R1's doubled batch,
+    two fields made alike) are read in place."""
+    if v.shape != x.shape:
+        v = v.expand(x.shape)
+    if v_uncond is None:
+        return v, None
+    if v_uncond.shape != x.shape:
+        v_uncond = v_uncond.expand(x.shape)
+    if v_uncond.stride() != v.stride():
+        return v.contiguous(), v_uncond.contiguous()
+    return v, v_uncond
+
+
 def fused_steps(name: str, launch_euler, launch_stage):
     """A fused backend's ``euler_step`` and ``stage_step`` (the signatures above) over its two
-    launch functions, for calls its ``supports`` takes: the fields expanded to ``x``'s shape
-    (a broadcast field keeps its stride-0 dims), ``out`` and the accumulator's output allocated
+    launch functions, for calls its ``supports`` takes: the fields as :func:`fields_as_read`
+    makes them, ``out`` and the accumulator's output allocated
     when absent, the accumulator in the compute dtype and contiguous. Under torch.compile the
     launch is the op ``flowmatch_fast::<name>_euler_step`` / ``<name>_stage_step``
     (:mod:`flowmatch_fast.ops`); eager calls skip the op dispatch (microseconds per step)."""
     euler_op, stage_op = f"{name}_euler_step", f"{name}_stage_step"
 
     def euler_step(x, v, grid, i, out=None, traj=None, v_uncond=None, guidance=NO_GUIDANCE):
-        if v.shape != x.shape:
-            v = v.expand(x.shape)
-            v_uncond = None if v_uncond is None else v_uncond.expand(x.shape)
+        v, v_uncond = fields_as_read(x, v, v_uncond)
         if out is None:
             out = torch.empty(x.shape, dtype=result_dtype(x.dtype, v), device=x.device)
         launch = (getattr(torch.ops.flowmatch_fast, euler_op) if torch.compiler.is_compiling()
@@ -206,9 +222,7 @@ def fused_steps(name: str, launch_euler, launch_stage):
                    guidance=NO_GUIDANCE):
         if stage.acc_weight not in (1.0, 2.0):
             raise ValueError(f"acc_weight must be 1 or 2 (the RK weights), got {stage.acc_weight}")
-        if k.shape != x.shape:
-            k = k.expand(x.shape)
-            k_uncond = None if k_uncond is None else k_uncond.expand(x.shape)
+        k, k_uncond = fields_as_read(x, k, k_uncond)
         c = stage_dtype(x.dtype, k, acc)
         if acc is not None and (acc.dtype != c or not acc.is_contiguous()):
             # exact widening (as the reference), then a real copy: .to(memory_format=...) keeps

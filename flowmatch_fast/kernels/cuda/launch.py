@@ -65,8 +65,6 @@ def _prepare(x, v, v_uncond, mix, values, i, out, traj, *buffers):
     """
     ext = loader._ext if loader._ext is not None else loader.require()
     shape = x.shape
-    if v_uncond is not None and v_uncond.stride() != v.stride():  # one indexer for both fields
-        v, v_uncond = v.contiguous(), v_uncond.contiguous()
     if len(shape) > ext.MAX_DIMS:  # more dims than the kernel's indexer holds (never in practice)
         v = v.contiguous()
         v_uncond = v_uncond.contiguous() if v_uncond is not None else None
@@ -107,7 +105,8 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 def launch_euler(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
                  grid_values: torch.Tensor, step: int, out: torch.Tensor,
                  traj: Optional[torch.Tensor], guidance_weight: float, mix: bool) -> None:
-    """One Euler launch into buffers given (``v`` expanded to ``x``'s shape); the body of the
+    """One Euler launch into buffers given (the fields as ``contract.fields_as_read`` makes
+    them: ``x``'s shape, ``v_uncond`` with ``v``'s strides); the body of the
     op ``flowmatch_fast::cuda_euler_step``."""
     a = _prepare(x, v, v_uncond, mix, grid_values, step, out, traj)
     if a is None:

@@ -178,7 +178,8 @@ def _stage_config(x, k, grid_values, step, coef, acc, acc_weight, write_acc, fro
 def launch_euler(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
                  grid_values: torch.Tensor, step: int, out: torch.Tensor,
                  traj: Optional[torch.Tensor], guidance_weight: float, mix: bool) -> None:
-    """One Euler launch into buffers given (``v`` expanded to ``x``'s shape); the body of the
+    """One Euler launch into buffers given (the fields as ``contract.fields_as_read`` makes
+    them: ``x``'s shape, ``v_uncond`` with ``v``'s strides); the body of the
     op ``flowmatch_fast::triton_euler_step`` (:mod:`flowmatch_fast.ops`)."""
     if x.numel():
         _launch(_kernels()[0], x, _launch_config(x, v, grid_values, step, out, traj, v_uncond,
