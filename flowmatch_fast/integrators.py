@@ -15,7 +15,7 @@ import torch
 from . import ops
 from .kernels import reference
 from .kernels.contract import (METHODS, NO_GUIDANCE, Guidance, Stage, TimeGrid, kernel_readable,
-                               result_dtype, stage_dtype)
+                               product_dtype, result_dtype, stage_dtype)
 
 __all__ = ["METHODS", "Stage", "Trajectory", "choose", "euler_step", "stage_step", "integrate"]
 
@@ -98,11 +98,12 @@ def euler_loop(x, grid: TimeGrid, step_fn, backend, trajectory: Optional[Traject
     supports = backend.supports
     plain = reference.euler_step
     has_kernel = fuses(backend)
+    g = grid.dtype
     for i in range(grid.steps):
         v = step_fn(x=x, t=t_views[i])
         if type(v) is not torch.Tensor or v.shape != x.shape or v.device != x.device:
             check_field(v, x)
-        slot = None if trajectory is None else trajectory.slot(i + 1, result_dtype(x.dtype, v))
+        slot = None if trajectory is None else trajectory.slot(i + 1, result_dtype(x.dtype, v, g))
         if has_kernel and supports(x, v, None, None, False, None, slot):  # choose(), inlined
             x = fused(x, kernel_readable(v), grid, i, None, slot)
         else:
@@ -170,7 +171,7 @@ def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
                 vu = check_unguided(unguided_fn(x=xs, t=t), v)
             elif guided:
                 if v.dim() == 0:  # a 0-dim field is a scalar to PyTorch's promotion: keep that
-                    v = v.to(result_dtype(torch.float32, v))
+                    v = v.to(product_dtype(v, grid.dtype))
                 if v.shape != xs.shape:
                     v = v.expand(xs.shape)
                 v, vu = v[:rows], v[rows:]
@@ -181,8 +182,8 @@ def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
                 like = torch.empty((1,) * min(v.dim(), 1), dtype=torch.promote_types(v.dtype, vu.dtype))
             else:
                 like = v
-            dtype = (result_dtype(x.dtype, like) if method == "euler"
-                     else stage_dtype(x.dtype, like, acc_in))
+            dtype = (result_dtype(x.dtype, like, grid.dtype) if method == "euler"
+                     else stage_dtype(x.dtype, like, acc_in, grid.dtype))
             out = torch.empty((2 * rows, *x.shape[1:]), dtype=dtype, device=x.device) if guided else None
             slot = trajectory.slot(i + 1, dtype) if trajectory is not None and j == last else None
             if method == "euler":

@@ -49,10 +49,11 @@ class Sampling:
         method = self.int_method if int_method is None else int_method
         if method not in INT_METHODS:
             raise ValueError(f"int_method must be one of {INT_METHODS}; got {method!r}")
+        grid_dtype = arguments.grid_dtype(plain=timesteps is None and shift is None)
         if timesteps is not None:
             if shift is not None:
                 raise ValueError("give either timesteps= or shift=, not both")
-            grid_values, grid_key = arguments.check_timesteps(timesteps, device)
+            grid_values, grid_key = arguments.check_timesteps(timesteps, device, grid_dtype)
             steps = grid_values.numel() - 1
             if inference_step is not None and as_int("inference_step", inference_step) != steps:
                 raise ValueError(f"inference_step={inference_step} but timesteps has {steps + 1} "
@@ -61,7 +62,7 @@ class Sampling:
             grid_values = grid_key = None
             steps = self.num_inference_steps if inference_step is None else inference_step
             steps = arguments.check_positive_int("inference_step", steps)
-        shift = arguments.check_shift(shift, steps)
+        shift = arguments.check_shift(shift, steps, grid_dtype)
         temperature = arguments.check_real("temperature", temperature)
         if noise is not None:
             if generator is not None:
@@ -69,10 +70,12 @@ class Sampling:
             arguments.check_noise(noise, (batch_size, *self.x_dims), device)
         arguments.check_generator(generator, device)
         numel = batch_size * math.prod(self.x_dims)
-        backend = backends.resolve(self.backend, device, numel, captured)
+        if shift is None:  # shift=1 is the plain grid: the original's linspace, of the default dtype
+            grid_dtype = arguments.grid_dtype(plain=grid_values is None)
+        backend = backends.resolve(self.backend, device, numel, captured, grid_dtype)
         return _Plan(batch_size, device, tuple(self.x_dims), steps, method,
                      bool(return_all_steps), backend, guidance, weight if guidance else 1.0,
-                     temperature, grid_values, grid_key, shift, noise, generator)
+                     temperature, grid_values, grid_key, shift, noise, generator, grid_dtype)
 
     def _run(self, plan: "_Plan", step_fn, unguided_fn=None):
         """The eager sampling call (also what a CUDA graph captures)."""
@@ -191,6 +194,7 @@ class _Plan(NamedTuple):
     shift: Optional[float]
     noise: Optional[torch.Tensor]
     generator: Optional[torch.Generator]
+    grid_dtype: torch.dtype  # arguments.grid_dtype: follows the default dtype
 
     def key(self):
         """The cache key: what a captured graph bakes in (noise/generator excluded).
@@ -210,7 +214,7 @@ class _Plan(NamedTuple):
     def default_grid(self) -> torch.Tensor:
         """The grid without ``timesteps=``: ``linspace`` on the device, then the shift if any
         (built afresh by every eager call: the caller owns what ``return_all_steps`` returns)."""
-        values = torch.linspace(0.0, 1.0, self.steps + 1, device=self.device)
+        values = torch.linspace(0.0, 1.0, self.steps + 1, device=self.device, dtype=self.grid_dtype)
         return values if self.shift is None else arguments.shifted_grid(values, self.shift)
 
     def with_grid(self) -> "_Plan":

@@ -9,22 +9,26 @@ out=None, traj=None, k_uncond=None, guidance_weight=1.0, mix=False) -> (x_out, a
 (``coef, acc_weight, write_acc, from_acc`` are a :class:`Stage`'s fields; ``k_uncond,
 guidance_weight, mix`` a :class:`Guidance`'s), ``supports(x, v, acc=None, v_uncond=None, mix=False,
 out=None, traj=None) -> bool`` (the one predicate the integrators ask before a fused step; the
-reference takes everything) and ``unavailable_reason(device) -> str | None``.
+reference takes everything), ``GRID_DTYPES`` (the time grids its steps read; the backend
+resolution never hands a backend another) and ``unavailable_reason(device) -> str | None``.
 
 - ``x``: the state, float32 or float64, contiguous, shape ``[B, *x_dims]``.
 - ``v``: the field, any floating dtype and any strides, broadcastable to ``x``'s shape (a
   ``[1, *x_dims]`` field is read through stride 0 over the batch).
 - ``grid``: a :class:`TimeGrid`; the step size is ``dt = grid.values[i+1] - grid.values[i]``, a
-  float32 subtraction done by the kernel itself (no host sync, no per-step scalar tensor).
+  subtraction in the grid's dtype ``G`` done by the kernel itself (no host sync, no per-step
+  scalar tensor). ``G`` is float32, or float64 under ``torch.set_default_dtype(torch.float64)``
+  (the original's ``linspace`` follows the default dtype): :func:`flowmatch_fast.arguments.grid_dtype`.
 - ``out``: ``None`` (the backend allocates a fresh contiguous result), or a contiguous buffer of
   the result dtype (:func:`result_dtype`, :func:`stage_dtype`) with ``k*B`` rows, ``k`` in
   {1, 2}: the new state is written into each block of ``B`` rows (``k = 2``: the doubled batch).
 - ``traj``: optional view ``states[:, i + 1]`` of the contiguous trajectory; written too.
 - returns the new state (``out`` when one was given).
 
-Arithmetic (identical on every backend, bitwise): with ``P = promote(float32, v.dtype)`` and
+Arithmetic (identical on every backend, bitwise): with ``P = promote(G, v.dtype)`` and
 ``S = promote(x.dtype, P)``: ``prod = P(dt) * P(v)`` rounded in ``P``, then
-``x_next = S(x) + S(prod)`` rounded in ``S``. No fused multiply-add.
+``x_next = S(x) + S(prod)`` rounded in ``S``. No fused multiply-add. (Guidance combines the
+fields first, in their math type ``promote(float32, v.dtype)``: :class:`Guidance`.)
 """
 
 from __future__ import annotations
@@ -34,22 +38,25 @@ from typing import NamedTuple, Optional
 import torch
 
 _F32 = torch.float32
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_FIELD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_STATE_DTYPES = (torch.float32, torch.float64)
 
 
 class TimeGrid:
-    """The time grid of one sampling call: ``values`` (float32 ``[T+1]``) and derived views.
+    """The time grid of one sampling call: ``values`` (``[T+1]``, of the grid dtype ``dtype``:
+    float32, or the default dtype's ``linspace``) and derived views.
 
     ``t_views[i]`` is ``values[i]`` viewed as ``[B, 1, ..., 1]`` (what the field receives);
     ``dt_views[i]`` is ``values[i+1] - values[i]`` viewed as ``[1, ..., 1]``, computed once per
-    call in one subtraction (the same float32 subtraction the original does per step).
+    call in one subtraction (the same subtraction the original does per step).
     """
 
-    __slots__ = ("values", "t_views", "_dt_views", "_ndim", "_batch", "_cache")
+    __slots__ = ("values", "dtype", "t_views", "_dt_views", "_ndim", "_batch", "_cache")
 
     def __init__(self, values: torch.Tensor, batch_size: int, ndim: int):
         self.values = values
+        self.dtype = values.dtype
         self._ndim = ndim  # number of dims of the state, batch included
         self._batch = batch_size  # rows of the field's input (2B under guidance)
         self._cache = {}
@@ -91,22 +98,30 @@ class TimeGrid:
 _PROMOTION_CACHE: dict = {}
 
 
-def result_dtype(x_dtype: torch.dtype, v: torch.Tensor) -> torch.dtype:
-    """dtype of ``x + dt * v`` under PyTorch's promotion, ``dt`` a float32 tensor."""
+def product_dtype(v: torch.Tensor, grid_dtype: torch.dtype = _F32) -> torch.dtype:
+    """dtype of ``dt * v``, ``dt`` a dimensioned tensor of the grid's dtype (as the original's)."""
     if v.dim() == 0:  # a 0-dim field does not take part in promotion against a dimensioned dt
-        prod = torch.result_type(torch.empty(1, dtype=_F32), v)
-        return torch.promote_types(x_dtype, prod)
-    key = (x_dtype, v.dtype)
+        return torch.result_type(torch.empty(1, dtype=grid_dtype), v)
+    return torch.promote_types(grid_dtype, v.dtype)
+
+
+def result_dtype(x_dtype: torch.dtype, v: torch.Tensor, grid_dtype: torch.dtype = _F32) -> torch.dtype:
+    """dtype of ``x + dt * v`` under PyTorch's promotion, ``dt`` a tensor of the grid's dtype."""
+    if v.dim() == 0:
+        return torch.promote_types(x_dtype, product_dtype(v, grid_dtype))
+    key = (x_dtype, v.dtype, grid_dtype)
     s = _PROMOTION_CACHE.get(key)
     if s is None:
-        s = torch.promote_types(x_dtype, torch.promote_types(_F32, v.dtype))
+        s = torch.promote_types(x_dtype, torch.promote_types(grid_dtype, v.dtype))
         _PROMOTION_CACHE[key] = s
     return s
 
 
-def stage_dtype(x_dtype, k: torch.Tensor, acc: Optional[torch.Tensor]) -> torch.dtype:
-    """Compute dtype of a multi-stage method's stage: float64 if anything is, else float32."""
-    c = torch.promote_types(x_dtype, torch.promote_types(_F32, k.dtype))
+def stage_dtype(x_dtype, k: torch.Tensor, acc: Optional[torch.Tensor],
+                grid_dtype: torch.dtype = _F32) -> torch.dtype:
+    """Compute dtype of a multi-stage method's stage: float64 if anything (the grid included) is,
+    else float32."""
+    c = torch.promote_types(x_dtype, torch.promote_types(grid_dtype, torch.promote_types(_F32, k.dtype)))
     return c if acc is None else torch.promote_types(c, acc.dtype)
 
 
@@ -212,7 +227,7 @@ def fused_steps(name: str, launch_euler, launch_stage):
     def euler_step(x, v, grid, i, out=None, traj=None, v_uncond=None, guidance=NO_GUIDANCE):
         v, v_uncond = fields_as_read(x, v, v_uncond)
         if out is None:
-            out = torch.empty(x.shape, dtype=result_dtype(x.dtype, v), device=x.device)
+            out = torch.empty(x.shape, dtype=result_dtype(x.dtype, v, grid.dtype), device=x.device)
         launch = (getattr(torch.ops.flowmatch_fast, euler_op) if torch.compiler.is_compiling()
                   else launch_euler)
         launch(x, v, v_uncond, grid.values, i, out, traj, float(guidance.weight), guidance.mix)
@@ -223,7 +238,7 @@ def fused_steps(name: str, launch_euler, launch_stage):
         if stage.acc_weight not in (1.0, 2.0):
             raise ValueError(f"acc_weight must be 1 or 2 (the RK weights), got {stage.acc_weight}")
         k, k_uncond = fields_as_read(x, k, k_uncond)
-        c = stage_dtype(x.dtype, k, acc)
+        c = stage_dtype(x.dtype, k, acc, grid.dtype)
         if acc is not None and (acc.dtype != c or not acc.is_contiguous()):
             # exact widening (as the reference), then a real copy: .to(memory_format=...) keeps
             # an expanded (stride-0) tensor as it is, since its suggested format is "contiguous"

@@ -17,6 +17,10 @@ from ..contract import KERNEL_STATE_DTYPES, fused_steps, kernel_supports, result
 from . import loader
 from .loader import EMULATE_ENV, EXTENSION, emulating, unavailable_reason  # noqa: F401
 
+# The kernels read a float32 grid (csrc: dt = grid[i+1] - grid[i] in float32): under a float64
+# default dtype (a float64 grid, as the original's) the resolution takes another backend.
+GRID_DTYPES = (torch.float32,)
+
 # PyTorch's current stream as a raw handle, without building a Stream object (what
 # torch.compile's generated code calls); the public API is the fallback.
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
