@@ -15,7 +15,7 @@ import torch
 from . import ops
 from .kernels import reference
 from .kernels.contract import (METHODS, NO_GUIDANCE, Guidance, Stage, TimeGrid, kernel_readable,
-                               product_dtype, result_dtype, stage_dtype)
+                               product_dtype, result_dtype, stage_dtype, step_views)
 
 __all__ = ["METHODS", "Stage", "Trajectory", "choose", "euler_step", "stage_step", "integrate"]
 
@@ -73,7 +73,7 @@ class Trajectory:
     def __init__(self, x0: torch.Tensor, steps: int):
         b, *dims = x0.shape
         self.states = torch.empty((b, steps + 1, *dims), dtype=x0.dtype, device=x0.device)
-        self.slots = self.states.unbind(1)  # all views at once: one call instead of one per step
+        self.slots = _slot_views(self.states)
         self.slots[0].copy_(x0)
         self.dtype = x0.dtype
 
@@ -83,9 +83,15 @@ class Trajectory:
             wider = torch.empty(self.states.shape, dtype=dtype, device=self.states.device)
             wider[:, :i].copy_(self.states[:, :i])
             self.states = wider
-            self.slots = wider.unbind(1)
+            self.slots = _slot_views(wider)
             self.dtype = dtype
         return self.slots[i]
+
+
+def _slot_views(states: torch.Tensor):
+    """``states[:, i]`` for every ``i``, made as :func:`step_views` makes them (one unbind call
+    per chunk instead of one view per step; memory flat in the step count)."""
+    return step_views(lambda lo, hi: states[:, lo:hi].unbind(1), states.shape[1])
 
 
 def euler_loop(x, grid: TimeGrid, step_fn, backend, trajectory: Optional[Trajectory] = None):

@@ -49,7 +49,8 @@ class TimeGrid:
 
     ``t_views[i]`` is ``values[i]`` viewed as ``[B, 1, ..., 1]`` (what the field receives);
     ``dt_views[i]`` is ``values[i+1] - values[i]`` viewed as ``[1, ..., 1]``, computed once per
-    call in one subtraction (the same subtraction the original does per step).
+    call in one subtraction (the same subtraction the original does per step). Both are
+    :func:`step_views`: memory flat in the step count.
     """
 
     __slots__ = ("values", "dtype", "t_views", "_dt_views", "_ndim", "_batch", "_cache")
@@ -65,8 +66,12 @@ class TimeGrid:
 
     def _time_views(self, times: torch.Tensor):
         ones = [1] * (self._ndim - 1)
-        n = times.numel()
-        return times.view(n, 1, *ones).expand(n, self._batch, *ones).unbind(0)
+        batch = self._batch
+
+        def make(lo, hi):
+            return times[lo:hi].view(hi - lo, 1, *ones).expand(hi - lo, batch, *ones).unbind(0)
+
+        return step_views(make, times.numel())
 
     def stage_t_views(self, where: str):
         """Field times of a stage: ``"start"`` t_i, ``"half"`` t_i + 0.5 * dt_i, ``"next"`` t_{i+1}."""
@@ -91,8 +96,48 @@ class TimeGrid:
     def dt_views(self):
         if self._dt_views is None:
             dts = self.values[1:] - self.values[:-1]
-            self._dt_views = dts.view(self.steps, *([1] * self._ndim)).unbind(0)
+            ones = [1] * self._ndim
+            self._dt_views = step_views(lambda lo, hi: dts[lo:hi].view(hi - lo, *ones).unbind(0),
+                                        self.steps)
         return self._dt_views
+
+
+# Per-step views made at once. A view costs ~400 bytes of host memory and a step holds three
+# (t, dt, trajectory slot): made up front for every step, 10^6 steps held 1.2 GB. Up to this
+# many steps they are one tuple (one unbind call: indexing it is the cheapest per step, the
+# CPU overhead W4 measures); longer grids make them a chunk at a time (at most ~1.2 MB).
+VIEW_CHUNK = 1024
+
+
+def step_views(make, n: int):
+    """The views ``0 .. n-1`` that ``make(lo, hi)`` returns as a tuple for ``lo .. hi-1``: that
+    tuple for ``n <= VIEW_CHUNK``, else a :class:`ChunkedViews` holding one chunk at a time."""
+    return make(0, n) if n <= VIEW_CHUNK else ChunkedViews(make, n)
+
+
+class ChunkedViews:
+    """A sequence of ``n`` views made ``VIEW_CHUNK`` at a time by ``make(lo, hi)``; the loops
+    read it in order, so each chunk is made once."""
+
+    __slots__ = ("_make", "_n", "_lo", "_views")
+
+    def __init__(self, make, n: int):
+        self._make, self._n, self._lo, self._views = make, n, 0, ()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int):
+        j = i - self._lo
+        if 0 <= j < len(self._views):
+            return self._views[j]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"step {i} is outside the {self._n} steps")
+        self._lo = lo = i - i % VIEW_CHUNK
+        self._views = self._make(lo, min(self._n, lo + VIEW_CHUNK))
+        return self._views[i - lo]
 
 
 _PROMOTION_CACHE: dict = {}
