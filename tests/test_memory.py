@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 SCRIPT = textwrap.dedent("""
     import torch
@@ -47,3 +48,42 @@ def test_peak_host_memory_is_flat_in_the_step_count():
     # 300,000 steps of a 2-element state: the grid (1.2 MB), the 100,000-step trajectory
     # (0.8 MB), and at most one chunk of views; made up front they took ~350 MB
     assert growth < 60, "\n".join(lines)
+
+
+def test_grids_longer_than_one_chunk_of_views_are_the_original(monkeypatch, case_rng,
+                                                               fused_launches):
+    """Past ``VIEW_CHUNK`` steps the views are made a chunk at a time: every step still gets its
+    own ``t``, ``dt`` and trajectory slot (the oracle's bits, Euler; plain torch's, midpoint).
+    The chunk is made small here (4 steps), so that the kernel passes stay fast."""
+    from bitwise import sample_both, assert_bitwise
+    from flowmatch_fast import FlowMatching
+    from flowmatch_fast.kernels import contract
+
+    monkeypatch.setattr(contract, "VIEW_CHUNK", 4)
+    steps = 2 * 4 + 3
+    seed = case_rng.randrange(2**31)
+    ours, want = sample_both([3, 2], 2, steps, "permuted", torch.bfloat16, "cpu", seed, True)
+    assert_bitwise(ours, want, f"euler, {steps} steps, seed={seed}")
+    fused_launches.expect(steps, "euler")
+    results = []
+    for backend in (None, "torch"):
+        torch.manual_seed(seed)
+        fm = FlowMatching(x_dims=[3, 2], int_method="midpoint", backend=backend)
+        results.append(fm.sample(2, lambda *, x, t: torch.sin(x) * t, inference_step=steps,
+                                 return_all_steps=True))
+    assert_bitwise(results[0], results[1], f"midpoint, {steps} steps, seed={seed}")
+
+
+def test_chunked_views_index_like_a_tuple():
+    from flowmatch_fast.kernels.contract import VIEW_CHUNK, ChunkedViews, step_views
+
+    values = torch.arange(3 * VIEW_CHUNK + 5)
+    make = lambda lo, hi: values[lo:hi].unbind(0)  # noqa: E731
+    assert isinstance(step_views(make, VIEW_CHUNK), tuple)
+    views = step_views(make, values.numel())
+    assert isinstance(views, ChunkedViews) and len(views) == values.numel()
+    for i in [0, 1, VIEW_CHUNK - 1, VIEW_CHUNK, 3 * VIEW_CHUNK + 4, 5, -1, -VIEW_CHUNK - 2]:
+        assert views[i].item() == values[i].item()
+    assert [v.item() for v in views] == values.tolist()  # iteration stops at the end
+    with pytest.raises(IndexError):
+        views[values.numel()]
