@@ -14,7 +14,8 @@ import torch
 
 from . import arguments, backends
 from .base import as_int
-from .graph import CapturedSampler, GraphCache, cuda_device, field_key, warn_not_cuda
+from .graph import CapturedSampler, cast_cache_off, cuda_device, warn_not_cuda
+from .graph_cache import GraphCache, field_key
 from .integrators import METHODS, Trajectory, integrate
 from .kernels.contract import Guidance, TimeGrid
 
@@ -49,11 +50,11 @@ class Sampling:
         method = self.int_method if int_method is None else int_method
         if method not in INT_METHODS:
             raise ValueError(f"int_method must be one of {INT_METHODS}; got {method!r}")
-        grid_dtype = arguments.grid_dtype(plain=timesteps is None and shift is None)
+        shaped = arguments.grid_dtype(plain=False)  # of an explicit or shifted grid
         if timesteps is not None:
             if shift is not None:
                 raise ValueError("give either timesteps= or shift=, not both")
-            grid_values, grid_key = arguments.check_timesteps(timesteps, device, grid_dtype)
+            grid_values, grid_key = arguments.check_timesteps(timesteps, device, shaped)
             steps = grid_values.numel() - 1
             if inference_step is not None and as_int("inference_step", inference_step) != steps:
                 raise ValueError(f"inference_step={inference_step} but timesteps has {steps + 1} "
@@ -62,7 +63,7 @@ class Sampling:
             grid_values = grid_key = None
             steps = self.num_inference_steps if inference_step is None else inference_step
             steps = arguments.check_positive_int("inference_step", steps)
-        shift = arguments.check_shift(shift, steps, grid_dtype)
+        shift = arguments.check_shift(shift, steps, shaped)  # None for shift=1: the plain grid
         temperature = arguments.check_real("temperature", temperature)
         if noise is not None:
             if generator is not None:
@@ -70,8 +71,7 @@ class Sampling:
             arguments.check_noise(noise, (batch_size, *self.x_dims), device)
         arguments.check_generator(generator, device)
         numel = batch_size * math.prod(self.x_dims)
-        if shift is None:  # shift=1 is the plain grid: the original's linspace, of the default dtype
-            grid_dtype = arguments.grid_dtype(plain=grid_values is None)
+        grid_dtype = arguments.grid_dtype(plain=grid_values is None and shift is None)
         backend = backends.resolve(self.backend, device, numel, captured, grid_dtype)
         return _Plan(batch_size, device, tuple(self.x_dims), steps, method,
                      bool(return_all_steps), backend, guidance, weight if guidance else 1.0,
@@ -113,25 +113,25 @@ class Sampling:
         graph_wanted = use_graph and on_cuda and not in_user_graph
         cacheable = graph_wanted and options.noise is None and options.generator is None
         plan = self._plan(batch_size, device, options, captured=in_user_graph or cacheable)
-        run = functools.partial(self._run, plan, *fields)
         if use_graph and not on_cuda and not self._warned_not_cuda:
             self._warned_not_cuda = True
             warn_not_cuda(plan.device)
         if not cacheable:
             if graph_wanted:  # noise= or generator= given
                 self._graphs.count_eager_fallback()
-            return run()
+            return self._run(plan, *fields)
         fkeys, watches = zip(*(field_key(f) for f in fields))
         graph_device = cuda_device(plan.device)
         pool, order = self._graphs.pool(graph_device)
 
         def build():  # the grid is built here, once per capture, not on every cached call
             held = plan.with_grid()
-            return CapturedSampler(functools.partial(self._run, held, *fields), graph_device,
-                                   pool=pool, order=order, keep_alive=False,
+            run = cast_cache_off(functools.partial(self._run, held, *fields), graph_device.type)
+            return CapturedSampler(run, graph_device, pool=pool, order=order, keep_alive=False,
                                    static_inputs=(held.grid_values,))
 
-        return self._graphs.call((*fkeys, plan.key()), watches, build, run)
+        return self._graphs.call((*fkeys, plan.key()), watches, build,
+                                 functools.partial(self._run, plan, *fields))
 
     def _capture(self, fields: tuple, batch_size, device, warmup, options: "Options"):
         """``capture``'s body: one sampling call captured in a CUDA graph."""
@@ -142,7 +142,7 @@ class Sampling:
                 "On CPU, call FlowMatching.sample (eager) instead."
             )
         plan = self._plan(batch_size, device, options, captured=True).with_grid()
-        run = functools.partial(self._run, plan, *fields)
+        run = cast_cache_off(functools.partial(self._run, plan, *fields), plan.device.type)
         return CapturedSampler(run, plan.device, warmup=warmup, generator=plan.generator,
                                static_inputs=(plan.grid_values,))
 

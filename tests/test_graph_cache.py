@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flowmatch_fast import FlowMatching, alpamayo1_5, arguments, flow_matching, sampling
-from flowmatch_fast.graph import GraphCache, field_key
+from flowmatch_fast.graph_cache import GraphCache, field_key
 from capture_fakes import OpRecorder, captures_on_cpu  # noqa: F401  (a fixture)
 
 
@@ -71,7 +71,9 @@ def test_fields_made_afresh_per_call_never_capture():
     assert not cache._seen, "a collected field must be forgotten (no growth, no reused id)"
 
 
-def test_failed_capture_leaves_nothing_behind():
+def test_a_field_that_raises_also_eagerly_propagates_and_nothing_is_remembered():
+    """A capture failing with the field's own exception: the eager run raises it too, so it
+    propagates (not swallowed into an eager fallback) and the signature is not marked failed."""
     cache = GraphCache(max_graphs=2)
 
     class Boom(Exception):
@@ -80,12 +82,16 @@ def test_failed_capture_leaves_nothing_behind():
     def build():
         raise Boom("inside step_fn")
 
+    def eager_raises():
+        raise Boom("inside step_fn")
+
     f = make_field()
     key, watch = field_key(f)
     cache.call((key,), watch, build, eager)
     with pytest.raises(Boom):
-        cache.call((key,), watch, build, eager)
+        cache.call((key,), watch, build, eager_raises)
     assert len(cache) == 0 and cache.stats.failed_captures == 1 and cache.stats.captures == 0
+    assert (key,) not in cache._failed
 
 
 def test_bound_methods_share_one_key():
