@@ -70,12 +70,11 @@ class Sampling:
                 raise ValueError("give either noise= or generator=, not both (noise draws nothing)")
             arguments.check_noise(noise, (batch_size, *self.x_dims), device)
         arguments.check_generator(generator, device)
-        numel = batch_size * math.prod(self.x_dims)
         grid_dtype = arguments.grid_dtype(plain=grid_values is None and shift is None)
-        backend = backends.resolve(self.backend, device, numel, captured, grid_dtype)
-        return _Plan(batch_size, device, tuple(self.x_dims), steps, method,
-                     bool(return_all_steps), backend, guidance, weight if guidance else 1.0,
+        plan = _Plan(batch_size, device, tuple(self.x_dims), steps, method,
+                     bool(return_all_steps), None, guidance, weight if guidance else 1.0,
                      temperature, grid_values, grid_key, shift, noise, generator, grid_dtype)
+        return plan.resolved(self.backend, captured)
 
     def _run(self, plan: "_Plan", step_fn, unguided_fn=None):
         """The eager sampling call (also what a CUDA graph captures)."""
@@ -130,8 +129,10 @@ class Sampling:
             return CapturedSampler(run, graph_device, pool=pool, order=order, keep_alive=False,
                                    static_inputs=(held.grid_values,))
 
-        return self._graphs.call((*fkeys, plan.key()), watches, build,
-                                 functools.partial(self._run, plan, *fields))
+        def eager():  # a first call, a full cache's or a failed capture's fallback: not captured
+            return self._run(plan.resolved(self.backend, captured=False), *fields)
+
+        return self._graphs.call((*fkeys, plan.key()), watches, build, eager)
 
     def _capture(self, fields: tuple, batch_size, device, warmup, options: "Options"):
         """``capture``'s body: one sampling call captured in a CUDA graph."""
@@ -185,7 +186,7 @@ class _Plan(NamedTuple):
     steps: int
     method: str
     return_all_steps: bool
-    backend: object
+    backend: object  # the backend module, resolved for an eager or a captured run (resolved())
     guidance: Optional[str]  # None, "batch" (doubled batch) or "mix" (a second field)
     weight: float
     temperature: float
@@ -196,11 +197,19 @@ class _Plan(NamedTuple):
     generator: Optional[torch.Generator]
     grid_dtype: torch.dtype  # arguments.grid_dtype: follows the default dtype
 
+    def resolved(self, requested: str, captured: bool) -> "_Plan":
+        """This plan with the ``requested`` backend resolved for an eager (``captured=False``)
+        or a captured run: the two may differ (``auto`` weighs Triton's launch cost)."""
+        numel = self.batch_size * math.prod(self.x_dims)
+        return self._replace(backend=backends.resolve(requested, self.device, numel, captured,
+                                                      self.grid_dtype))
+
     def key(self):
         """The cache key: what a captured graph bakes in (noise/generator excluded).
 
-        Floats enter as their bits (a NaN weight matches itself, -0.0 is not 0.0); the default
-        dtype (of the noise and the grid) and the autocast state (of the field) are read now."""
+        Floats enter as their bits (a NaN weight matches itself, -0.0 is not 0.0); read now:
+        the default dtype (of the noise and the grid), the autocast state and the matmul
+        precision switches (of the field's kernels, :func:`precision_state`)."""
         device = self.device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -209,7 +218,8 @@ class _Plan(NamedTuple):
                 self.return_all_steps, self.backend.__name__, self.guidance,
                 struct.pack("<dd", self.weight, self.temperature), self.grid_key, self.shift,
                 torch.get_default_dtype(),
-                (autocast, torch.get_autocast_dtype(device.type)) if autocast else False)
+                (autocast, torch.get_autocast_dtype(device.type)) if autocast else False,
+                precision_state())
 
     def default_grid(self) -> torch.Tensor:
         """The grid without ``timesteps=``: ``linspace`` on the device, then the shift if any
@@ -225,6 +235,37 @@ class _Plan(NamedTuple):
         if self.grid_values is not None:
             return self
         return self._replace(grid_values=self.default_grid())
+
+
+def precision_state() -> tuple:
+    """The switches that change what a field's matmuls and convolutions compute on a GPU
+    (TF32, the float32 matmul precision, reduced-precision reductions, fp16 accumulation): a
+    graph replays the kernels chosen at its capture, so a change must select another graph.
+    C++ flags read directly (about 0.3 us each; the key is built by every cached call)."""
+    c = torch._C
+    try:
+        legacy = (c._get_cublas_allow_tf32(), c._get_cudnn_allow_tf32(),
+                  c._get_float32_matmul_precision())
+    except RuntimeError:  # the legacy and the new TF32 switches set both: PyTorch refuses to read
+        legacy = None     # the legacy ones; the new ones below say it all
+    return (legacy, *(get() for get in _PRECISION_GETTERS))
+
+
+def _precision_getters() -> tuple:
+    """The precision switches this torch has beyond the legacy ones (torch >= 2.4 is supported;
+    the new TF32 switches came later)."""
+    c = torch._C
+    getters = [c._get_cublas_allow_fp16_reduced_precision_reduction,
+               c._get_cublas_allow_bf16_reduced_precision_reduction]
+    if hasattr(c, "_get_cublas_allow_fp16_accumulation"):
+        getters.append(c._get_cublas_allow_fp16_accumulation)
+    if hasattr(c, "_get_fp32_precision_getter"):
+        getters += [functools.partial(c._get_fp32_precision_getter, "cuda", op)
+                    for op in ("matmul", "conv", "rnn")]
+    return tuple(getters)
+
+
+_PRECISION_GETTERS = _precision_getters()
 
 
 def _capturing(device: torch.device) -> bool:

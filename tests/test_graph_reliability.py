@@ -5,14 +5,16 @@ with recording captures) or the cache itself; the GPU tests at the end do it for
 """
 
 import gc
+import types
 import warnings
 import weakref
 
 import pytest
 import torch
 
-from flowmatch_fast import FlowMatching, alpamayo1_5, sampling
+from flowmatch_fast import FlowMatching, alpamayo1_5, backends, sampling
 from flowmatch_fast.graph_cache import SIGNATURES_PER_GRAPH, GraphCache, field_key
+from flowmatch_fast.kernels import reference
 from capture_fakes import captures_on_cpu  # noqa: F401  (a fixture)
 
 
@@ -188,6 +190,81 @@ def test_dropped_samplers_leave_nothing_registered_on_the_field(captures_on_cpu)
     assert weakref.getweakrefcount(expert) == 0 and _finalizers() == finalizers
 
 
+# ---------------------------------------------------------------- eager calls resolve (item 7)
+def test_eager_calls_resolve_the_backend_as_eager_calls(monkeypatch, captures_on_cpu):
+    """A signature's first call, a full cache's fallback and a failed capture's run are eager:
+    ``auto`` must weigh Triton's launch cost as for an eager loop (``captured=False``); only
+    the capture resolves for a captured loop."""
+    resolve = backends.resolve
+    as_resolved = {flag: types.SimpleNamespace(**vars(reference)) for flag in (False, True)}
+    for flag, module in as_resolved.items():
+        module.__name__ = f"resolved-captured={flag}"
+
+    def recording_resolve(name, device, numel=0, captured=True, grid_dtype=torch.float32):
+        resolve(name, device, numel, captured, grid_dtype)
+        return as_resolved[captured]
+
+    ran = []
+    integrate = sampling.integrate
+
+    def recording_integrate(method, x, grid, step_fn, backend, *args):
+        ran.append(backend.__name__.split("=")[1])
+        return integrate(method, x, grid, step_fn, backend, *args)
+
+    monkeypatch.setattr(backends, "resolve", recording_resolve)
+    monkeypatch.setattr(sampling, "integrate", recording_integrate)
+    fm = FlowMatching(x_dims=(4, 2), num_inference_steps=2, cuda_graph=True, max_graphs=1)
+    field, other = make_field(), make_field()
+    for f in (field, field, field, other):  # first call, capture, replay, cache full
+        fm.sample(2, f, device="cuda:0")
+    assert ran == ["False", "True", "False"], ran
+    fm.sample(2, field, device="cuda:0", cuda_graph=False)
+    assert ran[-1] == "False"
+
+
+# --------------------------------------------------------------------------- the key (item 8)
+PRECISION_SWITCHES = [
+    ("cuda matmul TF32", lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True)),
+    ("cudnn TF32", lambda: setattr(torch.backends.cudnn, "allow_tf32", False)),
+    ("float32 matmul precision", lambda: torch.set_float32_matmul_precision("medium")),
+    ("fp16 reduced-precision reductions",
+     lambda: setattr(torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", False)),
+    ("bf16 reduced-precision reductions",
+     lambda: setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)),
+    ("the new TF32 switch", lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")),
+]
+
+
+@pytest.fixture
+def restore_precision():
+    c = torch._C
+    saved = (c._get_cublas_allow_tf32(), c._get_cudnn_allow_tf32(),
+             c._get_float32_matmul_precision(),
+             c._get_cublas_allow_fp16_reduced_precision_reduction(),
+             c._get_cublas_allow_bf16_reduced_precision_reduction(),
+             c._get_fp32_precision_getter("cuda", "matmul"))
+    state = sampling.precision_state()
+    yield
+    c._set_cublas_allow_tf32(saved[0])
+    c._set_cudnn_allow_tf32(saved[1])
+    c._set_float32_matmul_precision(saved[2])
+    c._set_cublas_allow_fp16_reduced_precision_reduction(*saved[3])
+    c._set_cublas_allow_bf16_reduced_precision_reduction(*saved[4])
+    c._set_fp32_precision_setter("cuda", "matmul", saved[5])  # last: the legacy setters set it
+    assert sampling.precision_state() == state
+
+
+@pytest.mark.parametrize("switch", PRECISION_SWITCHES, ids=[s[0] for s in PRECISION_SWITCHES])
+def test_key_sees_the_matmul_precision_switches(switch, restore_precision):
+    """They change what the field's matmuls compute eagerly, not what a replay runs: a graph
+    captured under one setting must not serve a call under another."""
+    fm = FlowMatching(x_dims=(4, 2), backend="auto")
+    plan = fm._plan(3, "cpu", sampling.Options())
+    base = plan.key()
+    switch[1]()
+    assert plan.key() != base  # read at each call, never raises (the APIs mixed included)
+
+
 # ----------------------------------------------------------------------------- GPU
 def _expert(dtype=torch.float32):
     torch.manual_seed(0)
@@ -242,3 +319,23 @@ def test_gpu_a_field_that_synchronises_runs_eagerly_with_one_warning():
     assert all(torch.equal(r, want) for r in results)
     s = fm.graph_stats
     assert (s.first_calls, s.failed_captures, s.eager_fallbacks, s.captures) == (1, 1, 2, 0)
+
+
+@pytest.mark.gpu
+def test_gpu_a_tf32_switch_after_capture_is_another_signature(restore_precision):
+    net = _expert()
+
+    def field(*, x, t):
+        return net(x.flatten(1)).view(x.shape)
+
+    fm = FlowMatching(x_dims=(64, 2), cuda_graph=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for _ in range(3):
+        fm.sample(6, field, device="cuda")
+    assert fm.graph_stats.replays == 1
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(4)
+    got = fm.sample(6, field, device="cuda")
+    torch.manual_seed(4)
+    want = fm.sample(6, field, device="cuda", cuda_graph=False)
+    assert fm.graph_stats.replays == 1 and torch.equal(got, want)
