@@ -72,8 +72,8 @@ def grid_reason(name: str, grid_dtype: torch.dtype) -> Optional[str]:
     takers = [n for n, mod in _MODULES.items() if grid_dtype in mod.GRID_DTYPES]
     return (f"its kernels read a {_names(_MODULES[name].GRID_DTYPES)} time grid, and under "
             f"torch.set_default_dtype({torch.get_default_dtype()}) the grid is "
-            f"{_names([grid_dtype])}, as the original's; use backend={' or '.join(map(repr, takers))}"
-            ", or the float32 default dtype")
+            f"{_names([grid_dtype])}, as the original's; use backend="
+            f"{' or '.join(map(repr, takers))}, or the float32 default dtype")
 
 
 def _names(dtypes) -> str:
@@ -108,8 +108,8 @@ def _resolve_name(name: str, device_type: str, device_index: int, triton_pays: b
         raise RuntimeError(f"flowmatch_fast backend {name!r} is not available on {device}: {reason}")
     reason = grid_reason(name, grid_dtype)
     if reason is not None:
-        raise RuntimeError(f"flowmatch_fast backend {name!r} cannot sample under the default dtype "
-                           f"{torch.get_default_dtype()}: {reason}")
+        raise RuntimeError(f"flowmatch_fast backend {name!r} cannot sample under the default "
+                           f"dtype {torch.get_default_dtype()}: {reason}")
     return name
 
 

@@ -172,10 +172,11 @@ class GraphCache:
                 self._orders[device] = ReplayOrder()
             return self._pools[device], self._orders[device]
 
-    def call(self, key, watch, build: Callable[[], "CapturedSampler"], eager: Callable):  # noqa: F821
-        """Replay the graph of ``key``; on a miss run ``eager()``, or capture with ``build()``
-        when the signature was seen before and there is room. ``watch`` is the field object, or a
-        tuple of them (two fields under guidance: the graph goes when either is collected)."""
+    def call(self, key, watch, build: Callable[[], Callable], eager: Callable):
+        """Replay the graph of ``key``; on a miss run ``eager()``, or capture with ``build()`` (a
+        ``CapturedSampler``) when the signature was seen before and there is room. ``watch`` is
+        the field object, or a tuple of them (two fields under guidance: the graph goes when
+        either is collected)."""
         failure = None
         with self._lock:
             sampler = self._graphs.get(key)
@@ -189,7 +190,7 @@ class GraphCache:
             else:
                 try:
                     sampler = self._add(key, watch, build)
-                except Exception as exc:  # noqa: BLE001  (KeyboardInterrupt and the like propagate)
+                except Exception as exc:  # not BaseException: KeyboardInterrupt propagates
                     self.stats.failed_captures += 1
                     failure = exc
                 else:

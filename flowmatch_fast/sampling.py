@@ -224,7 +224,8 @@ class _Plan(NamedTuple):
     def default_grid(self) -> torch.Tensor:
         """The grid without ``timesteps=``: ``linspace`` on the device, then the shift if any
         (built afresh by every eager call: the caller owns what ``return_all_steps`` returns)."""
-        values = torch.linspace(0.0, 1.0, self.steps + 1, device=self.device, dtype=self.grid_dtype)
+        values = torch.linspace(0.0, 1.0, self.steps + 1, device=self.device,
+                                dtype=self.grid_dtype)
         return values if self.shift is None else arguments.shifted_grid(values, self.shift)
 
     def with_grid(self) -> "_Plan":

@@ -18,7 +18,8 @@ resolution never hands a backend another) and ``unavailable_reason(device) -> st
 - ``grid``: a :class:`TimeGrid`; the step size is ``dt = grid.values[i+1] - grid.values[i]``, a
   subtraction in the grid's dtype ``G`` done by the kernel itself (no host sync, no per-step
   scalar tensor). ``G`` is float32, or float64 under ``torch.set_default_dtype(torch.float64)``
-  (the original's ``linspace`` follows the default dtype): :func:`flowmatch_fast.arguments.grid_dtype`.
+  (the original's ``linspace`` follows the default dtype):
+  :func:`flowmatch_fast.arguments.grid_dtype`.
 - ``out``: ``None`` (the backend allocates a fresh contiguous result), or a contiguous buffer of
   the result dtype (:func:`result_dtype`, :func:`stage_dtype`) with ``k*B`` rows, ``k`` in
   {1, 2}: the new state is written into each block of ``B`` rows (``k = 2``: the doubled batch).
@@ -150,7 +151,8 @@ def product_dtype(v: torch.Tensor, grid_dtype: torch.dtype = _F32) -> torch.dtyp
     return torch.promote_types(grid_dtype, v.dtype)
 
 
-def result_dtype(x_dtype: torch.dtype, v: torch.Tensor, grid_dtype: torch.dtype = _F32) -> torch.dtype:
+def result_dtype(x_dtype: torch.dtype, v: torch.Tensor,
+                 grid_dtype: torch.dtype = _F32) -> torch.dtype:
     """dtype of ``x + dt * v`` under PyTorch's promotion, ``dt`` a tensor of the grid's dtype."""
     if v.dim() == 0:
         return torch.promote_types(x_dtype, product_dtype(v, grid_dtype))
@@ -166,7 +168,8 @@ def stage_dtype(x_dtype, k: torch.Tensor, acc: Optional[torch.Tensor],
                 grid_dtype: torch.dtype = _F32) -> torch.dtype:
     """Compute dtype of a multi-stage method's stage: float64 if anything (the grid included) is,
     else float32."""
-    c = torch.promote_types(x_dtype, torch.promote_types(grid_dtype, torch.promote_types(_F32, k.dtype)))
+    c = torch.promote_types(x_dtype,
+                            torch.promote_types(grid_dtype, torch.promote_types(_F32, k.dtype)))
     return c if acc is None else torch.promote_types(c, acc.dtype)
 
 
