@@ -192,23 +192,26 @@ class GraphCache:
                     sampler = self._add(key, watch, build)
                 except Exception as exc:  # not BaseException: KeyboardInterrupt propagates
                     self.stats.failed_captures += 1
-                    failure = exc
+                    # the cause as text: the exception's frames (the failed graph, its run)
+                    # go now, before the eager run
+                    failure = f"{type(exc).__name__}: {exc}"
                 else:
                     return sampler()
         if failure is None:
             return eager()
         return self._run_uncaptured(key, watch, failure, eager)
 
-    def _run_uncaptured(self, key, watch, failure: Exception, eager: Callable):
-        """After a failed capture: the call's eager result. An exception ``eager()`` raises is
-        the field's own: it propagates, and nothing is remembered. Else the capture cannot work
-        for this signature: it runs eagerly from now on, and one warning says why."""
+    def _run_uncaptured(self, key, watch, failure: str, eager: Callable):
+        """After a failed capture (``failure``: its cause): the call's eager result. An
+        exception ``eager()`` raises is the field's own: it propagates, and nothing is
+        remembered. Else the capture cannot work for this signature: it runs eagerly from now
+        on, and one warning says why."""
         result = eager()
         with self._lock:
-            self._failed.add(key, f"{type(failure).__name__}: {failure}", watch)
+            self._failed.add(key, failure, watch)
         warnings.warn(
             f"flowmatch_fast: this sampling call could not be captured in a CUDA graph "
-            f"({type(failure).__name__}: {failure}); it ran eagerly, and calls of the same "
+            f"({failure}); it ran eagerly, and calls of the same "
             "signature will run eagerly from now on (the field must keep the CUDA-graph "
             "contract: no host synchronisation, static shapes)",
             RuntimeWarning,

@@ -106,10 +106,12 @@ def test_evicting_a_graph_while_its_replay_is_in_flight_on_another_stream():
     other.wait_stream(torch.cuda.current_stream())
     torch.manual_seed(11)
     with torch.cuda.stream(other):
-        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the replay runs
+        torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU time before the replay runs
         got = fm.sample(6, _field, device="cuda")
     fm.clear_cuda_graphs()
-    junk = [torch.full((11,), 7.0, device="cuda") for _ in range(64)]  # the grid's size class
+    # 4,096 blocks of the grid's size class (512 bytes, 2 MB: a whole small-pool segment) on the
+    # capturing stream: a grid freed early is among them, and filled with 7s before it is read
+    junk = [torch.full((11,), 7.0, device="cuda") for _ in range(4096)]
     other.synchronize()
     assert fm.graph_stats.replays == 1 and fm.graph_stats.evictions == 1
     assert torch.equal(got, want)

@@ -113,10 +113,11 @@ def test_a_failed_capture_on_the_sampling_path_returns_the_eager_result(monkeypa
     fm = FlowMatching(x_dims=(5, 3), num_inference_steps=4, cuda_graph=True)
     field = make_field()
     results = []
-    with pytest.warns(RuntimeWarning, match="could not be captured"):
+    with pytest.warns(RuntimeWarning, match="could not be captured") as record:
         for _ in range(4):
             torch.manual_seed(3)
             results.append(fm.sample(4, field, device="cuda:0", return_all_steps=True))
+    assert len([w for w in record if "could not be captured" in str(w.message)]) == 1
     torch.manual_seed(3)
     want = fm.sample(4, field, device="cpu", return_all_steps=True, cuda_graph=False)
     for states, grid in results:
@@ -283,18 +284,22 @@ def test_gpu_capture_under_autocast_then_in_place_weight_update(how):
         return net(x.flatten(1)).view(x.shape)
 
     fm = FlowMatching(x_dims=(64, 2), cuda_graph=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # its cast cache is freed on exit
         if how == "cache":
             for _ in range(2):
                 fm.sample(6, field, device="cuda")
-            replay = lambda: fm.sample(6, field, device="cuda")  # noqa: E731
         else:
-            replay = fm.capture(6, field, device="cuda")
+            sampler = fm.capture(6, field, device="cuda")
     with torch.no_grad():
         for p in net.parameters():
             p.mul_(-0.5)  # in place: the graph sees the new values
     torch.manual_seed(1)
-    got = replay()
+    if how == "cache":
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # the same key: a replay
+            got = fm.sample(6, field, device="cuda")
+        assert fm.graph_stats.replays == 1
+    else:
+        got = sampler()
     torch.manual_seed(1)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         want = fm.sample(6, field, device="cuda", cuda_graph=False)
@@ -310,10 +315,11 @@ def test_gpu_a_field_that_synchronises_runs_eagerly_with_one_warning():
 
     fm = FlowMatching(x_dims=(64, 2), cuda_graph=True)
     results = []
-    with pytest.warns(RuntimeWarning, match="could not be captured"):
+    with pytest.warns(RuntimeWarning, match="could not be captured") as record:
         for _ in range(4):
             torch.manual_seed(2)
             results.append(fm.sample(6, field, device="cuda"))
+    assert len([w for w in record if "could not be captured" in str(w.message)]) == 1
     torch.manual_seed(2)
     want = fm.sample(6, field, device="cuda", cuda_graph=False)
     assert all(torch.equal(r, want) for r in results)
