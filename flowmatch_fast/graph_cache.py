@@ -27,8 +27,8 @@ SIGNATURES_PER_GRAPH = 4
 
 @dataclasses.dataclass
 class GraphStats:
-    """Counters of the automatic cache (``FlowMatching(cuda_graph=True)``); every cached call
-    counts in exactly one of them."""
+    """Counters of the automatic cache (``FlowMatching(cuda_graph=True)``): each call it serves
+    counts once, in captures, replays, first_calls, eager_fallbacks or failed_captures."""
 
     captures: int = 0
     replays: int = 0
