@@ -71,10 +71,11 @@ class Sampling:
             arguments.check_noise(noise, (batch_size, *self.x_dims), device)
         arguments.check_generator(generator, device)
         grid_dtype = arguments.grid_dtype(plain=grid_values is None and shift is None)
-        plan = _Plan(batch_size, device, tuple(self.x_dims), steps, method,
-                     bool(return_all_steps), None, guidance, weight if guidance else 1.0,
-                     temperature, grid_values, grid_key, shift, noise, generator, grid_dtype)
-        return plan.resolved(self.backend, captured)
+        x_dims = tuple(self.x_dims)
+        backend = _resolve(self.backend, device, batch_size, x_dims, captured, grid_dtype)
+        return _Plan(batch_size, device, x_dims, steps, method, bool(return_all_steps), backend,
+                     guidance, weight if guidance else 1.0, temperature, grid_values, grid_key,
+                     shift, noise, generator, grid_dtype)
 
     def _run(self, plan: "_Plan", step_fn, unguided_fn=None):
         """The eager sampling call (also what a CUDA graph captures)."""
@@ -200,9 +201,8 @@ class _Plan(NamedTuple):
     def resolved(self, requested: str, captured: bool) -> "_Plan":
         """This plan with the ``requested`` backend resolved for an eager (``captured=False``)
         or a captured run: the two may differ (``auto`` weighs Triton's launch cost)."""
-        numel = self.batch_size * math.prod(self.x_dims)
-        return self._replace(backend=backends.resolve(requested, self.device, numel, captured,
-                                                      self.grid_dtype))
+        return self._replace(backend=_resolve(requested, self.device, self.batch_size,
+                                              self.x_dims, captured, self.grid_dtype))
 
     def key(self):
         """The cache key: what a captured graph bakes in (noise/generator excluded).
@@ -236,6 +236,12 @@ class _Plan(NamedTuple):
         if self.grid_values is not None:
             return self
         return self._replace(grid_values=self.default_grid())
+
+
+def _resolve(requested: str, device, batch_size: int, x_dims: tuple, captured: bool, grid_dtype):
+    """The backend module for a plan's state (``batch_size`` x ``x_dims`` elements)."""
+    return backends.resolve(requested, device, batch_size * math.prod(x_dims), captured,
+                            grid_dtype)
 
 
 def precision_state() -> tuple:
