@@ -106,8 +106,20 @@ def same_device(actual: torch.device, device: torch.device) -> bool:
 
 
 
-def check_shift(shift, steps: int):
-    """SD3's ``shift=`` as a float, or ``None`` when absent or 1 (the plain grid)."""
+def grid_dtype(plain: bool) -> torch.dtype:
+    """The time grid's dtype. The plain grid is the original's ``torch.linspace``: the default
+    dtype (float64 under ``torch.set_default_dtype(torch.float64)``). A shifted or explicit grid
+    (ours) is float32, or float64 under a float64 default, where the original's grid is float64
+    too; never a 16-bit grid."""
+    default = torch.get_default_dtype()
+    if plain or default == torch.float64:
+        return default
+    return torch.float32
+
+
+def check_shift(shift, steps: int, dtype: torch.dtype = torch.float32):
+    """SD3's ``shift=`` as a float, or ``None`` when absent or 1 (the plain grid); its grid is
+    checked in ``dtype``."""
     if shift is None:
         return None
     if (isinstance(shift, bool) or not isinstance(shift, numbers.Real)
@@ -115,55 +127,47 @@ def check_shift(shift, steps: int):
         raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
     if shift == 1:
         return None
-    check_shifted_grid(steps, float(shift))
+    check_shifted_grid(steps, float(shift), dtype)
     return float(shift)
-
-
-def check_generator(generator, device: torch.device) -> None:
-    """``generator=``: ``None`` or a ``torch.Generator`` on the sampling device."""
-    if generator is None:
-        return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if not same_device(generator.device, device):
-        raise ValueError(f"generator is on {generator.device}; expected one on the "
-                         f"sampling device {device}")
 
 
 def shifted_grid(values: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3's shift on the noise level ``s = 1 - t``: ``s' = shift * s / (1 + (shift - 1) * s)``.
 
     ``shift > 1`` spends more steps at high noise. Computed on the grid's device in float64 (no
-    overflow for any finite shift), rounded to float32; the end points are set to exactly 0 and 1.
+    overflow for any finite shift), rounded to the grid's dtype; the end points are set to
+    exactly 0 and 1.
     """
     s = 1.0 - values.double()
-    out = (1.0 - (shift * s) / (1.0 + (shift - 1.0) * s)).float()
+    out = (1.0 - (shift * s) / (1.0 + (shift - 1.0) * s)).to(values.dtype)
     out[0] = 0.0
     out[-1] = 1.0
     return out
 
 
 @backends.trace_time_constant  # run on the host when torch.compile traces sample, not traced
-def check_shifted_grid(steps: int, shift: float) -> bool:
-    """Reject a shift whose grid has zero-length steps in float32: e.g. 1e-30 puts every point
-    at 1, 1e30 every point at 0. Checked on the host with the formula the device runs on its
-    own ``linspace``."""
-    return check_shifted_grid_cached(steps, shift)
+def check_shifted_grid(steps: int, shift: float, dtype: torch.dtype = torch.float32) -> bool:
+    """Reject a shift whose grid has zero-length steps in ``dtype``: e.g. 1e-30 puts every point
+    at 1, 1e30 every point at 0 (in float32). Checked on the host with the formula the device
+    runs on its own ``linspace``."""
+    return check_shifted_grid_cached(steps, shift, dtype)
 
 
 @functools.lru_cache(maxsize=64)
-def check_shifted_grid_cached(steps: int, shift: float) -> bool:
-    grid = shifted_grid(torch.linspace(0.0, 1.0, steps + 1), shift)
+def check_shifted_grid_cached(steps: int, shift: float, dtype: torch.dtype) -> bool:
+    grid = shifted_grid(torch.linspace(0.0, 1.0, steps + 1, dtype=dtype), shift)
     if not bool((grid[1:] > grid[:-1]).all()):
+        name = str(dtype).removeprefix("torch.")
         raise ValueError(f"shift={shift!r} gives {steps} steps a time grid that is not strictly "
-                         f"increasing in float32 ({grid.tolist()[:4]} ...): zero-length steps; "
+                         f"increasing in {name} ({grid.tolist()[:4]} ...): zero-length steps; "
                          "use a shift closer to 1 or fewer steps")
     return True
 
 
 
-def check_timesteps(timesteps, device: torch.device):
-    """Validate an explicit grid on the host; return it as float32 on ``device``, and its values."""
+def check_timesteps(timesteps, device: torch.device, dtype: torch.dtype = torch.float32):
+    """Validate an explicit grid on the host, in ``dtype`` (:func:`grid_dtype`); return it on
+    ``device`` and its bits (the cache key's)."""
     if isinstance(timesteps, torch.Tensor):
         if timesteps.device.type != "cpu" and not same_device(timesteps.device, device):
             raise ValueError(f"timesteps is on {timesteps.device}; expected the sampling device "
@@ -171,10 +175,10 @@ def check_timesteps(timesteps, device: torch.device):
         if not timesteps.is_floating_point():
             raise ValueError(f"timesteps must be floating point, got {timesteps.dtype}")
         # a private contiguous copy (a sync for a CUDA tensor): never the caller's storage
-        host = timesteps.detach().to("cpu", torch.float32).contiguous().clone()
+        host = timesteps.detach().to("cpu", dtype).contiguous().clone()
     else:
         try:
-            host = torch.tensor(list(timesteps), dtype=torch.float32)
+            host = torch.tensor(list(timesteps), dtype=dtype)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"timesteps must be a 1-D sequence of floats or a tensor ({exc})") from None
     if host.dim() != 1 or host.numel() < 2:
@@ -185,9 +189,11 @@ def check_timesteps(timesteps, device: torch.device):
     steps = host[1:] - host[:-1]
     if not bool((steps > 0).all()):
         bad = int((~(steps > 0)).nonzero()[0])  # NaN compares false: caught here too
-        raise ValueError(f"timesteps must be strictly increasing (in float32); entry {bad + 1} "
+        name = str(dtype).removeprefix("torch.")
+        raise ValueError(f"timesteps must be strictly increasing (in {name}); entry {bad + 1} "
                          f"({host[bad + 1].item()}) does not exceed entry {bad} ({host[bad].item()})")
-    return host.to(device), struct.pack(f"<{host.numel()}f", *host.tolist())
+    code = "d" if dtype == torch.float64 else "f"
+    return host.to(device), struct.pack(f"<{host.numel()}{code}", *host.tolist())
 
 
 def check_noise(noise, shape, device: torch.device) -> None:

@@ -63,13 +63,31 @@ def trace_time_constant(fn):
     return fn
 
 
+def grid_reason(name: str, grid_dtype: torch.dtype) -> Optional[str]:
+    """Why backend ``name`` cannot read a time grid of ``grid_dtype``, or ``None`` when it can.
+    The grid follows the default dtype, as the original's ``linspace`` does
+    (:func:`flowmatch_fast.arguments.grid_dtype`)."""
+    if grid_dtype in _MODULES[name].GRID_DTYPES:
+        return None
+    takers = [n for n, mod in _MODULES.items() if grid_dtype in mod.GRID_DTYPES]
+    return (f"its kernels read a {_names(_MODULES[name].GRID_DTYPES)} time grid, and under "
+            f"torch.set_default_dtype({torch.get_default_dtype()}) the grid is "
+            f"{_names([grid_dtype])}, as the original's; use backend="
+            f"{' or '.join(map(repr, takers))}, or the float32 default dtype")
+
+
+def _names(dtypes) -> str:
+    return " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
 @trace_time_constant
-def _resolve_name(name: str, device_type: str, device_index: int, triton_pays: bool) -> str:
+def _resolve_name(name: str, device_type: str, device_index: int, triton_pays: bool,
+                  grid_dtype: torch.dtype = torch.float32) -> str:
     """The concrete backend for a request on a device; raises when an explicit one can't run.
 
     ``triton_pays``: the loop is captured or the state is large, so Triton's host cost per
-    launch does not matter. A constant for torch.compile (it runs once at trace time), so
-    ``sample`` traces through.
+    launch does not matter. ``grid_dtype``: the time grid's dtype (:func:`grid_reason`). A
+    constant for torch.compile (it runs once at trace time), so ``sample`` traces through.
     """
     device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
     if name == "auto":
@@ -78,7 +96,7 @@ def _resolve_name(name: str, device_type: str, device_index: int, triton_pays: b
         for candidate in _AUTO_ORDER_CUDA:
             if candidate == "triton" and not triton_pays:
                 continue
-            reason = unavailable_reason(candidate, device)
+            reason = unavailable_reason(candidate, device) or grid_reason(candidate, grid_dtype)
             if reason is None:
                 return candidate
             if candidate not in _logged_fallbacks:
@@ -88,15 +106,21 @@ def _resolve_name(name: str, device_type: str, device_index: int, triton_pays: b
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise RuntimeError(f"flowmatch_fast backend {name!r} is not available on {device}: {reason}")
+    reason = grid_reason(name, grid_dtype)
+    if reason is not None:
+        raise RuntimeError(f"flowmatch_fast backend {name!r} cannot sample under the default "
+                           f"dtype {torch.get_default_dtype()}: {reason}")
     return name
 
 
-def resolve(name: str, device: torch.device, numel: int = 0, captured: bool = True):
+def resolve(name: str, device: torch.device, numel: int = 0, captured: bool = True,
+            grid_dtype: torch.dtype = torch.float32):
     """The backend module to use for ``name`` on ``device``, for a state of ``numel`` elements
-    sampled eagerly (``captured=False``) or inside a CUDA graph."""
+    sampled eagerly (``captured=False``) or inside a CUDA graph, over a time grid of
+    ``grid_dtype``."""
     index = device.index if device.index is not None else -1
     triton_pays = captured or numel >= AUTO_TRITON_MIN_NUMEL
-    return _MODULES[_resolve_name(name, device.type, index, triton_pays)]
+    return _MODULES[_resolve_name(name, device.type, index, triton_pays, grid_dtype)]
 
 
 def available_backends(device="cuda") -> dict:

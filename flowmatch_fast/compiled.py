@@ -40,7 +40,8 @@ import weakref
 import torch
 
 from . import noise as noise_mod
-from .graph import CapturedSampler, GraphCache, field_key
+from .graph import CapturedSampler
+from .graph_cache import GraphCache, field_key
 from .kernels import reference
 
 MODES = (False, True, "checked")
@@ -181,7 +182,7 @@ class CompiledCalls:
     """
 
     def __init__(self, max_entries: int):
-        self._cache = GraphCache(max_entries)
+        self._cache = GraphCache(max_entries, builds="compiled")
         self._seconds = 0.0
         self._fast_calls = 0
         self._mismatches = 0
@@ -252,29 +253,30 @@ class CompiledCalls:
         """A :class:`CapturedSampler` of the compiled region (compiled in its warm-up, never
         inside the capture; Inductor's own CUDA graphs stay off: ours holds the region)."""
         check_usable()
-        generator = plan.generator
+        generators = plan.generator  # None, or noise.check_generators' tuple
         plan = plan._replace(backend=reference, generator=None).with_grid()
-        if generator is not None:  # the region takes the noise, drawn in the graph per replay
+        if generators is not None:  # the region takes the noise, drawn in the graph per replay
             plan = plan._replace(noise=torch.empty(plan.batch_size, *plan.x_dims,
                                                    device=plan.device))
         entry = _Region(run, plan)  # every tensor an input of each call: what the graph reads
 
         def call():
-            p = plan if generator is None else plan._replace(noise=torch.randn(
-                plan.batch_size, *plan.x_dims, device=plan.device, generator=generator))
+            p = plan if generators is None else plan._replace(noise=noise_mod.randn(
+                (plan.batch_size, *plan.x_dims), generators, plan.device))
             return entry.fn(fields, *entry.inputs(p))
 
         t0 = time.perf_counter()
         with named_failures():
             if mode == "checked":
-                state = _rng_state(plan.device, generator)
-                eager = plan if generator is None else plan._replace(noise=None,
-                                                                     generator=generator)
-                same = checked(call, lambda: run(eager, *fields), plan.device, generator)[1]
+                state = _rng_state(plan.device, generators)
+                eager = plan if generators is None else plan._replace(noise=None,
+                                                                      generator=generators)
+                same = checked(call, lambda: run(eager, *fields), plan.device, generators)[1]
                 self._mismatches += not same
-                _set_rng_state(plan.device, generator, state)  # the first replay draws this call's
-            sampler = CapturedSampler(call, plan.device, generator=generator, static_inputs=(
-                *(getattr(plan, n) for n in entry.names), entry), **sampler_args)
+                _set_rng_state(plan.device, generators, state)  # the first replay draws this call's
+            sampler = CapturedSampler(call, plan.device, generators=generators or (),
+                                      static_inputs=(*(getattr(plan, n) for n in entry.names),
+                                                     entry), **sampler_args)
         self._graph_compiles += 1
         self._seconds += time.perf_counter() - t0
         return sampler
@@ -306,12 +308,12 @@ def named_failures():
             "gives the same numbers)") from exc
 
 
-def checked(compiled, eager, device, generator=None):
+def checked(compiled, eager, device, generators=None):
     """``(compiled(), same)``, having run ``eager()`` first from the same RNG state; warns with
     the largest difference when the results differ. The RNG ends where one call leaves it."""
-    state = _rng_state(device, generator)
+    state = _rng_state(device, generators)
     want = eager()
-    _set_rng_state(device, generator, state)
+    _set_rng_state(device, generators, state)
     got = compiled()
     diff = max_difference(got, want)
     if diff is not None:
@@ -340,17 +342,18 @@ def max_difference(got, want):
     return (got.double() - want.double()).abs().nan_to_num(0.0).max().item()
 
 
-def _rng_state(device, generator=None):
-    if generator is not None:
-        return generator.get_state()
+def _rng_state(device, generators=None):
+    if generators:
+        return [g.get_state() for g in generators]
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)
     return torch.get_rng_state()
 
 
-def _set_rng_state(device, generator, state):
-    if generator is not None:
-        generator.set_state(state)
+def _set_rng_state(device, generators, state):
+    if generators:
+        for g, one in zip(generators, state):
+            g.set_state(one)
     elif device.type == "cuda":
         torch.cuda.set_rng_state(state, device)
     else:

@@ -16,7 +16,7 @@ import torch
 from . import ops
 from .kernels import reference
 from .kernels.contract import (METHODS, NO_GUIDANCE, Guidance, Stage, TimeGrid, kernel_readable,
-                               result_dtype, stage_dtype)
+                               product_dtype, result_dtype, stage_dtype, step_views)
 
 __all__ = ["METHODS", "Stage", "Trajectory", "choose", "euler_step", "stage_step", "integrate"]
 
@@ -82,7 +82,7 @@ class Trajectory:
     def __init__(self, x0: torch.Tensor, steps: int):
         b, *dims = x0.shape
         self.states = torch.empty((b, steps + 1, *dims), dtype=x0.dtype, device=x0.device)
-        self.slots = self.states.unbind(1)  # all views at once: one call instead of one per step
+        self.slots = _slot_views(self.states)
         self.slots[0].copy_(x0)
         self.dtype = x0.dtype
 
@@ -92,9 +92,15 @@ class Trajectory:
             wider = torch.empty(self.states.shape, dtype=dtype, device=self.states.device)
             wider[:, :i].copy_(self.states[:, :i])
             self.states = wider
-            self.slots = wider.unbind(1)
+            self.slots = _slot_views(wider)
             self.dtype = dtype
         return self.slots[i]
+
+
+def _slot_views(states: torch.Tensor):
+    """``states[:, i]`` for every ``i``, made as :func:`step_views` makes them (one unbind call
+    per chunk instead of one view per step; memory flat in the step count)."""
+    return step_views(lambda lo, hi: states[:, lo:hi].unbind(1), states.shape[1])
 
 
 def euler_loop(x, grid: TimeGrid, step_fn, backend, trajectory: Optional[Trajectory] = None):
@@ -107,11 +113,12 @@ def euler_loop(x, grid: TimeGrid, step_fn, backend, trajectory: Optional[Traject
     supports = backend.supports
     plain = reference.euler_step
     has_kernel = fuses(backend)
+    g = grid.dtype
     for i in range(grid.steps):
         v = step_fn(x=x, t=t_views[i])
         if type(v) is not torch.Tensor or v.shape != x.shape or v.device != x.device:
             v = as_tensor(check_field(v, x))
-        slot = None if trajectory is None else trajectory.slot(i + 1, result_dtype(x.dtype, v))
+        slot = None if trajectory is None else trajectory.slot(i + 1, result_dtype(x.dtype, v, g))
         if has_kernel and supports(x, v, None, None, False, None, slot):  # choose(), inlined
             x = fused(x, kernel_readable(v), grid, i, None, slot)
         else:
@@ -166,7 +173,8 @@ def recipes_midpoint(x, grid: TimeGrid, step_fn, backend, trajectory=None,
         v = reference.guide(v, vu, guidance)
         x_mid = reference._write_state(x, torch.mul(grid.dt_views[i], v) / 2, None, None)
         v, vu = _velocity(step_fn, unguided_fn, x_mid, t_half[i], guidance)
-        slot = None if trajectory is None else trajectory.slot(i + 1, result_dtype(x.dtype, v))
+        slot = (None if trajectory is None
+                else trajectory.slot(i + 1, result_dtype(x.dtype, v, grid.dtype)))
         x = euler_step(backend, x, v, grid, i, None, slot, vu,
                        guidance if vu is not None else NO_GUIDANCE)
     return x
@@ -210,15 +218,15 @@ def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
             v, vu = _velocity(step_fn, unguided_fn, xs, t, guidance)
             if guided:
                 if v.dim() == 0:  # a 0-dim field is a scalar to PyTorch's promotion: keep that
-                    v = v.to(result_dtype(torch.float32, v))
+                    v = v.to(product_dtype(v, grid.dtype))
                 if v.shape != xs.shape:
                     v = v.expand(xs.shape)
                 v, vu = v[:rows], v[rows:]
                 if guidance.weight == 1.0:
                     vu = None
             acc_in = acc if st.uses_acc else None
-            dtype = (result_dtype(x.dtype, v) if method == "euler"
-                     else stage_dtype(x.dtype, v, acc_in))
+            dtype = (result_dtype(x.dtype, v, grid.dtype) if method == "euler"
+                     else stage_dtype(x.dtype, v, acc_in, grid.dtype))
             out = torch.empty((2 * rows, *x.shape[1:]), dtype=dtype, device=x.device) if guided else None
             slot = trajectory.slot(i + 1, dtype) if trajectory is not None and j == last else None
             how = guidance if vu is not None else NO_GUIDANCE

@@ -15,7 +15,8 @@ import torch
 from . import arguments, backends, compiled, sde
 from . import noise as noise_mod
 from .base import as_int
-from .graph import CapturedSampler, GraphCache, cuda_device, field_key, warn_not_cuda
+from .graph import CapturedSampler, cast_cache_off, cuda_device, warn_not_cuda
+from .graph_cache import GraphCache, field_key
 from .integrators import METHODS, Trajectory, integrate
 from .kernels.contract import Guidance, TimeGrid
 
@@ -53,6 +54,7 @@ class Sampling:
         method = int_method or self.int_method  # the originals' `or`: "" means the attribute
         if method not in self._methods:
             raise ValueError(f"int_method must be one of {self._methods}; got {method!r}")
+        shaped = arguments.grid_dtype(plain=False)  # of an explicit or shifted grid
         if rollout is not None:  # the RL class's SDE: its own grid of Python numbers
             steps = as_int("inference_step", inference_step)
             rollout = sde.plan_rollout(rollout, steps, (batch_size, *self.x_dims), device)
@@ -60,7 +62,7 @@ class Sampling:
         elif timesteps is not None:
             if shift is not None:
                 raise ValueError("give either timesteps= or shift=, not both")
-            grid_values, grid_key = arguments.check_timesteps(timesteps, device)
+            grid_values, grid_key = arguments.check_timesteps(timesteps, device, shaped)
             steps = grid_values.numel() - 1
             if inference_step and as_int("inference_step", inference_step) != steps:
                 raise ValueError(f"inference_step={inference_step} but timesteps has {steps + 1} "
@@ -68,20 +70,22 @@ class Sampling:
         else:
             grid_values = grid_key = None
             steps = arguments.steps_or_attribute(inference_step, self.num_inference_steps)
-        shift = arguments.check_shift(shift, steps)
+        shift = arguments.check_shift(shift, steps, shaped)  # None for shift=1: the plain grid
         temperature = arguments.check_scalar("temperature", temperature)
         if noise is not None:
             if generator is not None:
                 raise ValueError("give either noise= or generator=, not both (noise draws nothing)")
             arguments.check_noise(noise, (batch_size, *self.x_dims), device)
         generator = noise_mod.check_generators(generator, batch_size, device)
-        if rollout is not None:  # every step draws from them too
-            rollout = rollout._replace(generators=generator)
-        numel = batch_size * math.prod(self.x_dims)
-        backend = backends.resolve(self.backend, device, numel, captured)
-        return _Plan(batch_size, device, tuple(self.x_dims), steps, method,
-                     bool(return_all_steps), backend, guidance, weight if guidance else 1.0,
-                     temperature, grid_values, grid_key, shift, noise, generator, rollout)
+        if rollout is None:
+            grid_dtype = arguments.grid_dtype(plain=grid_values is None and shift is None)
+        else:  # every step draws from the generators too; the SDE's table is float32 always
+            rollout, grid_dtype = rollout._replace(generators=generator), torch.float32
+        x_dims = tuple(self.x_dims)
+        backend = _resolve(self.backend, device, batch_size, x_dims, captured, grid_dtype)
+        return _Plan(batch_size, device, x_dims, steps, method, bool(return_all_steps), backend,
+                     guidance, weight if guidance else 1.0, temperature, grid_values, grid_key,
+                     shift, noise, generator, grid_dtype, rollout)
 
     def _plan_state(self) -> tuple:
         """The attributes :meth:`_plan` reads, for the compiled mode's repeat path (a call with
@@ -146,7 +150,7 @@ class Sampling:
         if not cacheable:
             if graph_wanted:  # noise= or generator= given
                 self._graphs.count_eager_fallback()
-            return run()
+            return self._run(plan, *fields)
         fkeys, watches = zip(*(field_key(f) for f in fields))
         graph_device = cuda_device(plan.device)
         pool, order = self._graphs.pool(graph_device)
@@ -156,12 +160,15 @@ class Sampling:
                 return self._compiled.captured(self._run, fields, plan, mode, pool=pool,
                                                order=order, keep_alive=False)
             held = plan.with_grid()
-            return CapturedSampler(functools.partial(self._run, held, *fields), graph_device,
-                                   pool=pool, order=order, keep_alive=False,
+            run = cast_cache_off(functools.partial(self._run, held, *fields), graph_device.type)
+            return CapturedSampler(run, graph_device, pool=pool, order=order, keep_alive=False,
                                    static_inputs=held.static_inputs())
 
+        def eager():  # a first call, a full cache's or a failed capture's fallback: not captured
+            return self._run(plan.resolved(self.backend, captured=False), *fields)
+
         key = (*fkeys, plan.key(), "compiled" if compiling else "eager")
-        return self._graphs.call(key, watches, build, run)
+        return self._graphs.call(key, watches, build, eager)
 
     def _capture(self, fields: tuple, batch_size, device, warmup, options: "Options",
                  compile=None):
@@ -178,15 +185,11 @@ class Sampling:
         if mode:
             return self._compiled.captured(self._run, fields, plan, mode, warmup=warmup)
         plan = plan.with_grid()
-        run = functools.partial(self._run, plan, *fields)
-        gens = plan.generator
-        if noise_mod.on_host(gens, plan.device):
+        run = cast_cache_off(functools.partial(self._run, plan, *fields), plan.device.type)
+        if noise_mod.on_host(plan.generator, plan.device):
             raise RuntimeError("capture needs generators on the CUDA device: a CPU generator "
                                "draws on the host, which a CUDA graph cannot replay")
-        if gens is not None and len(gens) > 1:
-            raise NotImplementedError("capture with one generator per row: not yet")
-        return CapturedSampler(run, plan.device, warmup=warmup,
-                               generator=None if gens is None else gens[0],
+        return CapturedSampler(run, plan.device, warmup=warmup, generators=plan.generator or (),
                                static_inputs=plan.static_inputs())
 
     @property
@@ -235,7 +238,7 @@ class _Plan(NamedTuple):
     steps: int
     method: str
     return_all_steps: bool
-    backend: object
+    backend: object  # the backend module, resolved for an eager or a captured run (resolved())
     guidance: Optional[str]  # None, "batch" (doubled batch) or "mix" (a second field)
     weight: float  # for "mix" also a 0-dim tensor or NumPy scalar (arguments.mix_weight)
     temperature: float
@@ -244,13 +247,21 @@ class _Plan(NamedTuple):
     shift: Optional[float]
     noise: Optional[torch.Tensor]
     generator: Optional[tuple]  # noise.check_generators: one generator, or one per row
+    grid_dtype: torch.dtype  # arguments.grid_dtype: follows the default dtype
     rollout: Optional["sde.Rollout"] = None
+
+    def resolved(self, requested: str, captured: bool) -> "_Plan":
+        """This plan with the ``requested`` backend resolved for an eager (``captured=False``)
+        or a captured run: the two may differ (``auto`` weighs Triton's launch cost)."""
+        return self._replace(backend=_resolve(requested, self.device, self.batch_size,
+                                              self.x_dims, captured, self.grid_dtype))
 
     def key(self):
         """The cache key: what a captured graph bakes in (noise/generator excluded).
 
-        Floats enter as their bits (a NaN weight matches itself, -0.0 is not 0.0); the default
-        dtype (of the noise and the grid) and the autocast state (of the field) are read now."""
+        Floats enter as their bits (a NaN weight matches itself, -0.0 is not 0.0); read now:
+        the default dtype (of the noise and the grid), the autocast state and the matmul
+        precision switches (of the field's kernels, :func:`precision_state`)."""
         device = self.device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -261,12 +272,13 @@ class _Plan(NamedTuple):
                 self.grid_key, self.shift,
                 torch.get_default_dtype(),
                 (autocast, torch.get_autocast_dtype(device.type)) if autocast else False,
-                None if self.rollout is None else self.rollout.key())
+                precision_state(), None if self.rollout is None else self.rollout.key())
 
     def default_grid(self) -> torch.Tensor:
         """The grid without ``timesteps=``: ``linspace`` on the device, then the shift if any
         (built afresh by every eager call: the caller owns what ``return_all_steps`` returns)."""
-        values = torch.linspace(0.0, 1.0, self.steps + 1, device=self.device)
+        values = torch.linspace(0.0, 1.0, self.steps + 1, device=self.device,
+                                dtype=self.grid_dtype)
         return values if self.shift is None else arguments.shifted_grid(values, self.shift)
 
     def static_inputs(self) -> tuple:
@@ -297,6 +309,43 @@ def _initial_state(plan: _Plan) -> torch.Tensor:
     else:
         x = noise_mod.randn((plan.batch_size, *plan.x_dims), plan.generator, plan.device)
     return x if plan.temperature == 1.0 else x * plan.temperature
+
+
+def _resolve(requested: str, device, batch_size: int, x_dims: tuple, captured: bool, grid_dtype):
+    """The backend module for a plan's state (``batch_size`` x ``x_dims`` elements)."""
+    return backends.resolve(requested, device, batch_size * math.prod(x_dims), captured,
+                            grid_dtype)
+
+
+def precision_state() -> tuple:
+    """The switches that change what a field's matmuls and convolutions compute on a GPU
+    (TF32, the float32 matmul precision, reduced-precision reductions, fp16 accumulation): a
+    graph replays the kernels chosen at its capture, so a change must select another graph.
+    C++ flags read directly (about 0.3 us each; the key is built by every cached call)."""
+    c = torch._C
+    try:
+        legacy = (c._get_cublas_allow_tf32(), c._get_cudnn_allow_tf32(),
+                  c._get_float32_matmul_precision())
+    except RuntimeError:  # the legacy and the new TF32 switches set both: PyTorch refuses to read
+        legacy = None     # the legacy ones; the new ones below say it all
+    return (legacy, *(get() for get in _PRECISION_GETTERS))
+
+
+def _precision_getters() -> tuple:
+    """The precision switches this torch has beyond the legacy ones (torch >= 2.4 is supported;
+    the new TF32 switches came later)."""
+    c = torch._C
+    getters = [c._get_cublas_allow_fp16_reduced_precision_reduction,
+               c._get_cublas_allow_bf16_reduced_precision_reduction]
+    if hasattr(c, "_get_cublas_allow_fp16_accumulation"):
+        getters.append(c._get_cublas_allow_fp16_accumulation)
+    if hasattr(c, "_get_fp32_precision_getter"):
+        getters += [functools.partial(c._get_fp32_precision_getter, "cuda", op)
+                    for op in ("matmul", "conv", "rnn")]
+    return tuple(getters)
+
+
+_PRECISION_GETTERS = _precision_getters()
 
 
 def _capturing(device: torch.device) -> bool:

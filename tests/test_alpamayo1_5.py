@@ -20,7 +20,7 @@ import torch
 from flowmatch_fast import alpamayo1_5, alpamayo_r1, backends
 from flowmatch_fast import FlowMatching as R1FlowMatching
 from flowmatch_fast.alpamayo1_5 import BaseDiffusion, FlowMatching
-from flowmatch_fast.graph import GraphCache, field_key
+from flowmatch_fast.graph_cache import GraphCache, field_key
 from flowmatch_fast.integrators import METHODS, choose
 from flowmatch_fast.kernels import reference
 from flowmatch_fast.kernels.cuda import launch as cuda_euler

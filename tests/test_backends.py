@@ -59,3 +59,36 @@ def test_real_reasons_on_this_machine(monkeypatch):
     reasons = backends.available_backends("cpu")
     assert reasons["torch"] is None
     assert "CUDA tensors" in reasons["cuda"]
+
+
+def test_a_backend_that_cannot_read_the_default_dtypes_grid_is_skipped_or_refused(pretend):
+    """Under a float64 default the original's grid is float64: the CUDA kernels read float32
+    grids only (``GRID_DTYPES``), so auto takes Triton or plain torch and an explicit request
+    raises naming the default dtype; a 16-bit default's grid only plain torch reads."""
+    from flowmatch_fast import FlowMatching
+    from flowmatch_fast.sampling import Options
+
+    pretend("triton", "cuda")
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        f64 = torch.float64
+        assert backends.resolve("auto", CUDA, 768, True, f64) is triton_euler
+        assert backends.resolve("auto", CUDA, 768, False, f64) is reference
+        assert backends.resolve("triton", CUDA, 768, False, f64) is triton_euler
+        with pytest.raises(RuntimeError, match=r"'cuda' cannot sample under the default dtype "
+                                               r"torch\.float64: .* float32 time grid"):
+            backends.resolve("cuda", CUDA, 768, True, f64)
+        # the plan asks with its own grid's dtype
+        fm = FlowMatching(x_dims=(64, 2), backend="auto")
+        assert fm._plan(6, CUDA, Options(), captured=True).backend is triton_euler
+        assert fm._plan(6, CUDA, Options(shift=3.0), captured=True).backend is triton_euler
+        torch.set_default_dtype(torch.bfloat16)  # shifted/explicit grids are float32 there
+        assert fm._plan(6, CUDA, Options(), captured=True).backend is reference
+        assert fm._plan(6, CUDA, Options(shift=3.0), captured=True).backend is cuda_euler
+        with pytest.raises(RuntimeError, match=r"'triton' cannot sample under the default dtype "
+                                               r"torch\.bfloat16"):
+            FlowMatching(x_dims=(64, 2), backend="triton")._plan(6, CUDA, Options())
+    finally:
+        torch.set_default_dtype(previous)
+    assert fm._plan(6, CUDA, Options(), captured=True).backend is cuda_euler

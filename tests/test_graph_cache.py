@@ -10,10 +10,10 @@ import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from flowmatch_fast import FlowMatching, alpamayo1_5, arguments, flow_matching, sampling
-from flowmatch_fast.graph import GraphCache, field_key
+from flowmatch_fast.graph_cache import GraphCache, field_key
+from capture_fakes import OpRecorder, captures_on_cpu  # noqa: F401  (a fixture)
 
 
 class FakeSampler:
@@ -71,7 +71,9 @@ def test_fields_made_afresh_per_call_never_capture():
     assert not cache._seen, "a collected field must be forgotten (no growth, no reused id)"
 
 
-def test_failed_capture_leaves_nothing_behind():
+def test_a_field_that_raises_also_eagerly_propagates_and_nothing_is_remembered():
+    """A capture failing with the field's own exception: the eager run raises it too, so it
+    propagates (not swallowed into an eager fallback) and the signature is not marked failed."""
     cache = GraphCache(max_graphs=2)
 
     class Boom(Exception):
@@ -80,12 +82,16 @@ def test_failed_capture_leaves_nothing_behind():
     def build():
         raise Boom("inside step_fn")
 
+    def eager_raises():
+        raise Boom("inside step_fn")
+
     f = make_field()
     key, watch = field_key(f)
     cache.call((key,), watch, build, eager)
     with pytest.raises(Boom):
-        cache.call((key,), watch, build, eager)
+        cache.call((key,), watch, build, eager_raises)
     assert len(cache) == 0 and cache.stats.failed_captures == 1 and cache.stats.captures == 0
+    assert (key,) not in cache._failed
 
 
 def test_bound_methods_share_one_key():
@@ -181,62 +187,14 @@ def test_one_capture_per_signature_bound_and_no_overlapping_replays_under_thread
     assert s.first_calls + s.captures + s.replays + s.eager_fallbacks == 8 * 40
 
 
-class OpRecorder(TorchDispatchMode):
-    """The aten ops run under it, by name, in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
-class RecordingCapture:
-    """Stands in for ``CapturedSampler`` in the sampling path: the capture runs the loop once
-    (its outputs are the graph's buffers, ``ops`` the aten ops a graph would record) and it holds
-    what the real one holds: ``run`` only with ``keep_alive``, the ``static_inputs`` always."""
-
-    def __init__(self, run, device, pool=None, order=None, keep_alive=True, static_inputs=(),
-                 warmup=2, generator=None):
-        self._run = run if keep_alive else None
-        self._static_inputs = tuple(static_inputs)
-        with OpRecorder() as recorder:
-            self.outputs = run()
-        self.ops = recorder.ops
-
-    def __call__(self):
-        if isinstance(self.outputs, tuple):
-            return tuple(t.clone() for t in self.outputs)
-        return self.outputs.clone()
-
-
-@pytest.fixture
-def captures_on_cpu(monkeypatch):
-    """The sampling path of ``cuda_graph=True`` and ``capture`` run on CPU: everything before
-    the plan sees the CUDA device it was asked for, the plan is made for the CPU, captures are
-    ``RecordingCapture``s (returned, in order of capture)."""
-    made = []
-    plan = sampling.Sampling._plan
-    monkeypatch.setattr(sampling.Sampling, "_plan",
-                        lambda self, batch, device, options, captured=False:
-                        plan(self, batch, "cpu", options, captured))
-    monkeypatch.setattr(sampling, "cuda_device", lambda device: device)
-    monkeypatch.setattr(sampling, "CapturedSampler",
-                        lambda *a, **kw: made.append(RecordingCapture(*a, **kw)) or made[-1])
-    monkeypatch.setattr(GraphCache, "pool", lambda self, device: (None, None))
-    return made
-
-
 def test_a_cached_graph_keeps_its_explicit_grid_alive(monkeypatch, captures_on_cpu):
     """A graph captured by the cache for ``timesteps=[...]`` reads that call's grid tensor on
     every replay: the cache entry must hold it after the call that made it is gone."""
     grids = []  # a weak reference to each call's device grid, as the plan got it
     check_timesteps = arguments.check_timesteps
 
-    def recording_check(timesteps, device):
-        values, key = check_timesteps(timesteps, device)
+    def recording_check(timesteps, device, dtype):
+        values, key = check_timesteps(timesteps, device, dtype)
         grids.append(weakref.ref(values))
         return values, key
 
@@ -345,7 +303,7 @@ def _key(fm, **opts):
 
 
 def test_key_sees_x_dims_default_dtype_and_autocast():
-    fm = FlowMatching(x_dims=(4, 2))
+    fm = FlowMatching(x_dims=(4, 2), backend="auto")  # every backend's key: auto takes any grid
     base = _key(fm)
     fm.x_dims = [8, 2]  # a plain attribute: a graph of the old shape must not be replayed
     assert _key(fm) != base

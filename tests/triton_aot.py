@@ -115,9 +115,9 @@ def compile_for_target(state, field, traj=False, guided=False, contiguous=True, 
     sig.update({name: "i64" for name in ("s0", "s1", "s2", "s3", "s4", "s5")})
     constexprs = dict(BLOCK=BLOCK, V_NDIM=1 if contiguous else 3, V_CONTIG=contiguous,
                       ROWS=traj, HAS_TRAJ=traj, DUP_OUT=guided == "batch", GUIDED=bool(guided),
-                      MIX=guided == "mix", P_F64=field == torch.float64)
+                      MIX=guided == "mix", M_F64=field == torch.float64)
     if stage is None:
-        constexprs["S_F64"] = out_t == "fp64"
+        constexprs.update(P_F64=field == torch.float64, S_F64=out_t == "fp64")
     else:
         constexprs.update(C_F64=out_t == "fp64", HAS_ACC=stage["has_acc"], ACC_W2=stage["acc_w2"],
                           WRITE_ACC=stage["write_acc"], FROM_ACC=stage["from_acc"],

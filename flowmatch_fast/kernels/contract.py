@@ -9,22 +9,27 @@ out=None, traj=None, k_uncond=None, guidance_weight=1.0, mix=False) -> (x_out, a
 (``coef, acc_weight, write_acc, from_acc`` are a :class:`Stage`'s fields; ``k_uncond,
 guidance_weight, mix`` a :class:`Guidance`'s), ``supports(x, v, acc=None, v_uncond=None, mix=False,
 out=None, traj=None) -> bool`` (the one predicate the integrators ask before a fused step; the
-reference takes everything) and ``unavailable_reason(device) -> str | None``.
+reference takes everything), ``GRID_DTYPES`` (the time grids its steps read; the backend
+resolution never hands a backend another) and ``unavailable_reason(device) -> str | None``.
 
 - ``x``: the state, float32 or float64, contiguous, shape ``[B, *x_dims]``.
 - ``v``: the field, any floating dtype and any strides, broadcastable to ``x``'s shape (a
   ``[1, *x_dims]`` field is read through stride 0 over the batch).
 - ``grid``: a :class:`TimeGrid`; the step size is ``dt = grid.values[i+1] - grid.values[i]``, a
-  float32 subtraction done by the kernel itself (no host sync, no per-step scalar tensor).
+  subtraction in the grid's dtype ``G`` done by the kernel itself (no host sync, no per-step
+  scalar tensor). ``G`` is float32, or float64 under ``torch.set_default_dtype(torch.float64)``
+  (the original's ``linspace`` follows the default dtype):
+  :func:`flowmatch_fast.arguments.grid_dtype`.
 - ``out``: ``None`` (the backend allocates a fresh contiguous result), or a contiguous buffer of
   the result dtype (:func:`result_dtype`, :func:`stage_dtype`) with ``k*B`` rows, ``k`` in
   {1, 2}: the new state is written into each block of ``B`` rows (``k = 2``: the doubled batch).
 - ``traj``: optional view ``states[:, i + 1]`` of the contiguous trajectory; written too.
 - returns the new state (``out`` when one was given).
 
-Arithmetic (identical on every backend, bitwise): with ``P = promote(float32, v.dtype)`` and
+Arithmetic (identical on every backend, bitwise): with ``P = promote(G, v.dtype)`` and
 ``S = promote(x.dtype, P)``: ``prod = P(dt) * P(v)`` rounded in ``P``, then
-``x_next = S(x) + S(prod)`` rounded in ``S``. No fused multiply-add.
+``x_next = S(x) + S(prod)`` rounded in ``S``. No fused multiply-add. (Guidance combines the
+fields first, in their math type ``promote(float32, v.dtype)``: :class:`Guidance`.)
 """
 
 from __future__ import annotations
@@ -34,22 +39,26 @@ from typing import NamedTuple, Optional
 import torch
 
 _F32 = torch.float32
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_FIELD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_STATE_DTYPES = (torch.float32, torch.float64)
 
 
 class TimeGrid:
-    """The time grid of one sampling call: ``values`` (float32 ``[T+1]``) and derived views.
+    """The time grid of one sampling call: ``values`` (``[T+1]``, of the grid dtype ``dtype``:
+    float32, or the default dtype's ``linspace``) and derived views.
 
     ``t_views[i]`` is ``values[i]`` viewed as ``[B, 1, ..., 1]`` (what the field receives);
     ``dt_views[i]`` is ``values[i+1] - values[i]`` viewed as ``[1, ..., 1]``, computed once per
-    call in one subtraction (the same float32 subtraction the original does per step).
+    call in one subtraction (the same subtraction the original does per step). Both are
+    :func:`step_views`: memory flat in the step count.
     """
 
-    __slots__ = ("values", "t_views", "_dt_views", "_ndim", "_batch", "_cache")
+    __slots__ = ("values", "dtype", "t_views", "_dt_views", "_ndim", "_batch", "_cache")
 
     def __init__(self, values: torch.Tensor, batch_size: int, ndim: int):
         self.values = values
+        self.dtype = values.dtype
         self._ndim = ndim  # number of dims of the state, batch included
         self._batch = batch_size  # rows of the field's input (2B under guidance)
         self._cache = {}
@@ -58,8 +67,12 @@ class TimeGrid:
 
     def _time_views(self, times: torch.Tensor):
         ones = [1] * (self._ndim - 1)
-        n = times.numel()
-        return times.view(n, 1, *ones).expand(n, self._batch, *ones).unbind(0)
+        batch = self._batch
+
+        def make(lo, hi):
+            return times[lo:hi].view(hi - lo, 1, *ones).expand(hi - lo, batch, *ones).unbind(0)
+
+        return step_views(make, times.numel())
 
     def stage_t_views(self, where: str):
         """Field times of a stage: ``"start"`` t_i, ``"half"`` t_i + 0.5 * dt_i, ``"next"`` t_{i+1}."""
@@ -84,29 +97,79 @@ class TimeGrid:
     def dt_views(self):
         if self._dt_views is None:
             dts = self.values[1:] - self.values[:-1]
-            self._dt_views = dts.view(self.steps, *([1] * self._ndim)).unbind(0)
+            ones = [1] * self._ndim
+            self._dt_views = step_views(lambda lo, hi: dts[lo:hi].view(hi - lo, *ones).unbind(0),
+                                        self.steps)
         return self._dt_views
+
+
+# Per-step views made at once. A view costs ~400 bytes of host memory and a step holds three
+# (t, dt, trajectory slot): made up front for every step, 10^6 steps held 1.2 GB. Up to this
+# many steps they are one tuple (one unbind call: indexing it is the cheapest per step, the
+# CPU overhead W4 measures); longer grids make them a chunk at a time (at most ~1.2 MB).
+VIEW_CHUNK = 1024
+
+
+def step_views(make, n: int):
+    """The views ``0 .. n-1`` that ``make(lo, hi)`` returns as a tuple for ``lo .. hi-1``: that
+    tuple for ``n <= VIEW_CHUNK``, else a :class:`ChunkedViews` holding one chunk at a time."""
+    return make(0, n) if n <= VIEW_CHUNK else ChunkedViews(make, n)
+
+
+class ChunkedViews:
+    """A sequence of ``n`` views made ``VIEW_CHUNK`` at a time by ``make(lo, hi)``; the loops
+    read it in order, so each chunk is made once."""
+
+    __slots__ = ("_make", "_n", "_lo", "_views")
+
+    def __init__(self, make, n: int):
+        self._make, self._n, self._lo, self._views = make, n, 0, ()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int):
+        j = i - self._lo
+        if 0 <= j < len(self._views):
+            return self._views[j]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"step {i} is outside the {self._n} steps")
+        self._lo = lo = i - i % VIEW_CHUNK
+        self._views = self._make(lo, min(self._n, lo + VIEW_CHUNK))
+        return self._views[i - lo]
 
 
 _PROMOTION_CACHE: dict = {}
 
 
-def result_dtype(x_dtype: torch.dtype, v: torch.Tensor) -> torch.dtype:
-    """dtype of ``x + dt * v`` under PyTorch's promotion, ``dt`` a float32 tensor."""
+def product_dtype(v: torch.Tensor, grid_dtype: torch.dtype = _F32) -> torch.dtype:
+    """dtype of ``dt * v``, ``dt`` a dimensioned tensor of the grid's dtype (as the original's)."""
     if v.dim() == 0:  # a 0-dim field does not take part in promotion against a dimensioned dt
-        prod = torch.result_type(torch.empty(1, dtype=_F32), v)
-        return torch.promote_types(x_dtype, prod)
-    key = (x_dtype, v.dtype)
+        return torch.result_type(torch.empty(1, dtype=grid_dtype), v)
+    return torch.promote_types(grid_dtype, v.dtype)
+
+
+def result_dtype(x_dtype: torch.dtype, v: torch.Tensor,
+                 grid_dtype: torch.dtype = _F32) -> torch.dtype:
+    """dtype of ``x + dt * v`` under PyTorch's promotion, ``dt`` a tensor of the grid's dtype."""
+    if v.dim() == 0:
+        return torch.promote_types(x_dtype, product_dtype(v, grid_dtype))
+    key = (x_dtype, v.dtype, grid_dtype)
     s = _PROMOTION_CACHE.get(key)
     if s is None:
-        s = torch.promote_types(x_dtype, torch.promote_types(_F32, v.dtype))
+        s = torch.promote_types(x_dtype, torch.promote_types(grid_dtype, v.dtype))
         _PROMOTION_CACHE[key] = s
     return s
 
 
-def stage_dtype(x_dtype, k: torch.Tensor, acc: Optional[torch.Tensor]) -> torch.dtype:
-    """Compute dtype of a multi-stage method's stage: float64 if anything is, else float32."""
-    c = torch.promote_types(x_dtype, torch.promote_types(_F32, k.dtype))
+def stage_dtype(x_dtype, k: torch.Tensor, acc: Optional[torch.Tensor],
+                grid_dtype: torch.dtype = _F32) -> torch.dtype:
+    """Compute dtype of a multi-stage method's stage: float64 if anything (the grid included) is,
+    else float32."""
+    c = torch.promote_types(x_dtype,
+                            torch.promote_types(grid_dtype, torch.promote_types(_F32, k.dtype)))
     return c if acc is None else torch.promote_types(c, acc.dtype)
 
 
@@ -182,10 +245,28 @@ class Guidance(NamedTuple):
 NO_GUIDANCE = Guidance()
 
 
+def fields_as_read(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor]):
+    """The field(s) of one launch as the kernels read them: each expanded to ``x``'s shape (a
+    broadcast field keeps its stride-0 dims) and, under guidance, both with one set of strides:
+    the kernels index the second field at the first one's offsets, so when the strides differ
+    (a transposed, sliced or expanded field beside another layout; two broadcastable shapes),
+    both are copied to contiguous first. Fields that share their strides (R1's doubled batch,
+    two fields made alike) are read in place."""
+    if v.shape != x.shape:
+        v = v.expand(x.shape)
+    if v_uncond is None:
+        return v, None
+    if v_uncond.shape != x.shape:
+        v_uncond = v_uncond.expand(x.shape)
+    if v_uncond.stride() != v.stride():
+        return v.contiguous(), v_uncond.contiguous()
+    return v, v_uncond
+
+
 def fused_steps(name: str, launch_euler, launch_stage, launch_sde):
     """A fused backend's ``euler_step`` and ``stage_step`` (the signatures above) over its two
-    launch functions, for calls its ``supports`` takes: the fields expanded to ``x``'s shape
-    (a broadcast field keeps its stride-0 dims), ``out`` and the accumulator's output allocated
+    launch functions, for calls its ``supports`` takes: the fields as :func:`fields_as_read`
+    makes them, ``out`` and the accumulator's output allocated
     when absent, the accumulator in the compute dtype and contiguous. Under torch.compile the
     launch is the op ``flowmatch_fast::<name>_euler_step`` / ``<name>_stage_step``
     (:mod:`flowmatch_fast.ops`); eager calls skip the op dispatch (microseconds per step).
@@ -194,11 +275,9 @@ def fused_steps(name: str, launch_euler, launch_stage, launch_sde):
     euler_op, stage_op, sde_op = (f"{name}_euler_step", f"{name}_stage_step", f"{name}_sde_step")
 
     def euler_step(x, v, grid, i, out=None, traj=None, v_uncond=None, guidance=NO_GUIDANCE):
-        if v.shape != x.shape:
-            v = v.expand(x.shape)
-            v_uncond = None if v_uncond is None else v_uncond.expand(x.shape)
+        v, v_uncond = fields_as_read(x, v, v_uncond)
         if out is None:
-            out = torch.empty(x.shape, dtype=result_dtype(x.dtype, v), device=x.device)
+            out = torch.empty(x.shape, dtype=result_dtype(x.dtype, v, grid.dtype), device=x.device)
         launch = (getattr(torch.ops.flowmatch_fast, euler_op) if torch.compiler.is_compiling()
                   else launch_euler)
         launch(x, v, v_uncond, grid.values, i, out, traj, float(guidance.weight), guidance.mix)
@@ -208,10 +287,8 @@ def fused_steps(name: str, launch_euler, launch_stage, launch_sde):
                    guidance=NO_GUIDANCE):
         if stage.acc_weight not in (1.0, 2.0):
             raise ValueError(f"acc_weight must be 1 or 2 (the RK weights), got {stage.acc_weight}")
-        if k.shape != x.shape:
-            k = k.expand(x.shape)
-            k_uncond = None if k_uncond is None else k_uncond.expand(x.shape)
-        c = stage_dtype(x.dtype, k, acc)
+        k, k_uncond = fields_as_read(x, k, k_uncond)
+        c = stage_dtype(x.dtype, k, acc, grid.dtype)
         if acc is not None and (acc.dtype != c or not acc.is_contiguous()):
             # exact widening (as the reference), then a real copy: .to(memory_format=...) keeps
             # an expanded (stride-0) tensor as it is, since its suggested format is "contiguous"
@@ -226,11 +303,7 @@ def fused_steps(name: str, launch_euler, launch_stage, launch_sde):
         return out, acc_out
 
     def sde_step(x, v, v_uncond, guidance, table, i, noise, replay, out=None, traj=None, lp=None):
-        if v.shape != x.shape:
-            v = v.expand(x.shape)
-            v_uncond = None if v_uncond is None else v_uncond.expand(x.shape)
-        if v_uncond is not None and v_uncond.stride() != v.stride():  # one indexer for both
-            v, v_uncond = v.contiguous(), v_uncond.contiguous()
+        v, v_uncond = fields_as_read(x, v, v_uncond)
         if out is None and not replay:
             out = torch.empty(x.shape, dtype=_F32, device=x.device)
         if lp is None:

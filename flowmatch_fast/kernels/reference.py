@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .contract import NO_GUIDANCE, Guidance, Stage, TimeGrid, stage_dtype
+from .contract import FLOAT_DTYPES, NO_GUIDANCE, Guidance, Stage, TimeGrid, stage_dtype
 
 _F32 = torch.float32
 
@@ -97,7 +97,7 @@ def stage_step(
     Returns ``(x_out, s or None)`` (``s`` when the stage writes the accumulator).
     """
     k = guide(k, k_uncond, guidance)
-    c = stage_dtype(x.dtype, k, acc)
+    c = stage_dtype(x.dtype, k, acc, grid.dtype)
     kk = k.to(c)
     s = kk if stage.acc_weight == 1.0 else kk * stage.acc_weight
     if acc is not None:
@@ -111,6 +111,9 @@ def stage_step(
     if stage.write_acc:  # x-shaped and contiguous, whatever the field's broadcast (as the kernels write it)
         acc_out = s if s.shape == x.shape and s.is_contiguous() else s.expand(x.shape).contiguous()
     return out, acc_out
+
+
+GRID_DTYPES = FLOAT_DTYPES  # the original's grid under any default dtype
 
 
 def supports(x, v, acc=None, v_uncond=None, mix=False, out=None, traj=None) -> bool:

@@ -18,6 +18,10 @@ from ..contract import (KERNEL_STATE_DTYPES, fused_steps, kernel_supports, resul
 from . import loader
 from .loader import EMULATE_ENV, EXTENSION, emulating, unavailable_reason  # noqa: F401
 
+# The kernels read a float32 grid (csrc: dt = grid[i+1] - grid[i] in float32): under a float64
+# default dtype (a float64 grid, as the original's) the resolution takes another backend.
+GRID_DTYPES = (torch.float32,)
+
 # PyTorch's current stream as a raw handle, without building a Stream object (what
 # torch.compile's generated code calls); the public API is the fallback.
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -66,8 +70,6 @@ def _prepare(x, v, v_uncond, mix, values, i, out, traj, *buffers):
     """
     ext = loader._ext if loader._ext is not None else loader.require()
     shape = x.shape
-    if v_uncond is not None and v_uncond.stride() != v.stride():  # one indexer for both fields
-        v, v_uncond = v.contiguous(), v_uncond.contiguous()
     if len(shape) > ext.MAX_DIMS:  # more dims than the kernel's indexer holds (never in practice)
         v = v.contiguous()
         v_uncond = v_uncond.contiguous() if v_uncond is not None else None
@@ -108,7 +110,8 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 def launch_euler(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
                  grid_values: torch.Tensor, step: int, out: torch.Tensor,
                  traj: Optional[torch.Tensor], guidance_weight: float, mix: bool) -> None:
-    """One Euler launch into buffers given (``v`` expanded to ``x``'s shape); the body of the
+    """One Euler launch into buffers given (the fields as ``contract.fields_as_read`` makes
+    them: ``x``'s shape, ``v_uncond`` with ``v``'s strides); the body of the
     op ``flowmatch_fast::cuda_euler_step``."""
     a = _prepare(x, v, v_uncond, mix, grid_values, step, out, traj)
     if a is None:

@@ -66,7 +66,8 @@ def round_to(v, f_type: tl.constexpr):
 @triton.jit
 def velocity(v_ptr, vu_ptr, v_offs, mask, w_bits, p_type: tl.constexpr, GUIDED: tl.constexpr,
              MIX: tl.constexpr):
-    """The field at ``v_offs`` in the product dtype ``P``, guided when GUIDED (w as float64 bits).
+    """The field at ``v_offs`` in its math type ``p_type`` (``promote(float32, F)``), guided when
+    GUIDED (w as float64 bits).
 
     Not MIX: ``vu + w * (vc - vu)``, each op rounded in ``P``. MIX (Alpamayo 1.5, both fields of
     one dtype ``F``): ``(1 - w) * vu + w * vg`` as PyTorch evaluates it with ``w`` a Python float:
@@ -118,8 +119,11 @@ def euler_kernel(
     s0, s1, s2, s3, s4, s5,  # the field's strides, in elements
     BLOCK: tl.constexpr, V_NDIM: tl.constexpr, V_CONTIG: tl.constexpr,
     ROWS: tl.constexpr, HAS_TRAJ: tl.constexpr, DUP_OUT: tl.constexpr,
-    GUIDED: tl.constexpr, MIX: tl.constexpr, P_F64: tl.constexpr, S_F64: tl.constexpr,
+    GUIDED: tl.constexpr, MIX: tl.constexpr, M_F64: tl.constexpr, P_F64: tl.constexpr,
+    S_F64: tl.constexpr,
 ):
+    """``x + dt * v``: the velocity in the field's math type M, the product in P = promote(grid,
+    M), the sum in S (the contract's; a float64 grid makes P float64)."""
     offs, mask, row, col = block_offsets(n_total, row_len, BLOCK, ROWS)
 
     if V_CONTIG:
@@ -129,7 +133,11 @@ def euler_kernel(
 
     t0 = tl.load(grid_ptr + step)
     t1 = tl.load(grid_ptr + step + 1)
-    dt = t1 - t0  # float32, exactly the original's grid[i+1] - grid[i]
+    dt = t1 - t0  # in the grid's dtype, exactly the original's grid[i+1] - grid[i]
+    if M_F64:
+        m_type = tl.float64
+    else:
+        m_type = tl.float32
     if P_F64:
         p_type = tl.float64
     else:
@@ -139,7 +147,7 @@ def euler_kernel(
     else:
         s_type = tl.float32
 
-    v = velocity(v_ptr, vu_ptr, v_offs, mask, w_bits, p_type, GUIDED, MIX)
+    v = velocity(v_ptr, vu_ptr, v_offs, mask, w_bits, m_type, GUIDED, MIX).to(p_type)
     prod = dt.to(p_type) * v
     x = tl.load(x_ptr + offs, mask=mask).to(s_type)
     res = x + prod.to(s_type)
@@ -153,20 +161,21 @@ def stage_kernel(
     d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5,
     BLOCK: tl.constexpr, V_NDIM: tl.constexpr, V_CONTIG: tl.constexpr,
     ROWS: tl.constexpr, HAS_TRAJ: tl.constexpr, DUP_OUT: tl.constexpr,
-    GUIDED: tl.constexpr, MIX: tl.constexpr, P_F64: tl.constexpr, C_F64: tl.constexpr,
+    GUIDED: tl.constexpr, MIX: tl.constexpr, M_F64: tl.constexpr, C_F64: tl.constexpr,
     HAS_ACC: tl.constexpr, ACC_W2: tl.constexpr, WRITE_ACC: tl.constexpr,
     FROM_ACC: tl.constexpr, COEF_ONE: tl.constexpr,
 ):
-    """One Runge-Kutta stage (see ``reference.stage_step``), every op rounded in ``C``."""
+    """One Runge-Kutta stage (see ``reference.stage_step``), every op rounded in ``C`` (the
+    velocity in the field's math type M first)."""
     offs, mask, row, col = block_offsets(n_total, row_len, BLOCK, ROWS)
     if V_CONTIG:
         k_offs = offs
     else:
         k_offs = field_offsets(offs, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5, V_NDIM)
-    if P_F64:
-        p_type = tl.float64
+    if M_F64:
+        m_type = tl.float64
     else:
-        p_type = tl.float32
+        m_type = tl.float32
     if C_F64:
         c_type = tl.float64
     else:
@@ -175,7 +184,7 @@ def stage_kernel(
     h = dt.to(c_type)
     if not COEF_ONE:  # h = C(dt) * C(coef), one rounding in C, as the reference
         h = h * coef_bits.to(tl.int64).to(tl.float64, bitcast=True).to(c_type)
-    k = velocity(k_ptr, ku_ptr, k_offs, mask, w_bits, p_type, GUIDED, MIX)
+    k = velocity(k_ptr, ku_ptr, k_offs, mask, w_bits, m_type, GUIDED, MIX)
     kk = k.to(c_type)
     if ACC_W2:
         s = kk * 2.0

@@ -21,6 +21,11 @@ import torch
 
 from ..contract import KERNEL_STATE_DTYPES, fused_steps, kernel_supports, sde_supports
 
+# dt = grid[i+1] - grid[i] in the grid's dtype, then promoted with the field's: both grids the
+# default dtype gives a float sampler (float32, float64). A 16-bit default dtype's grid is not
+# compiled for: the resolution raises for an explicit request, auto takes plain torch.
+GRID_DTYPES = (torch.float32, torch.float64)
+
 _MAX_DIMS = 6
 # 1024 elements per program and 4 warps: 8 fp32 per thread, two 128-bit accesses per operand.
 # (Chosen for the 50 MB bandwidth case; the launch-bound Alpamayo case, 768 elements, is one
@@ -154,7 +159,8 @@ def _launch_config(x, v, grid_values, step, out, traj, v_uncond, guidance_weight
     meta = dict(
         BLOCK=BLOCK, V_NDIM=ndim, V_CONTIG=contiguous, ROWS=use_rows,
         HAS_TRAJ=traj is not None, DUP_OUT=out.shape[0] != rows,
-        GUIDED=v_uncond is not None, MIX=mix, P_F64=v.dtype == torch.float64,
+        GUIDED=v_uncond is not None, MIX=mix, M_F64=v.dtype == torch.float64,
+        P_F64=v.dtype == torch.float64 or grid_values.dtype == torch.float64,
         S_F64=out.dtype == torch.float64, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return grid, args, meta
@@ -169,6 +175,7 @@ def _stage_config(x, k, grid_values, step, coef, acc, acc_weight, write_acc, fro
     args = (x_, k_, ku_, acc if acc is not None else out_, g_, out_,
             acc_out if acc_out is not None else out_, traj_, step_, double_bits(coef), w_bits, *rest)
     meta.pop("S_F64")
+    meta.pop("P_F64")
     meta.update(C_F64=out.dtype == torch.float64, HAS_ACC=acc is not None,
                 ACC_W2=acc_weight == 2.0, WRITE_ACC=acc_out is not None, FROM_ACC=from_acc,
                 COEF_ONE=coef == 1.0)
@@ -178,7 +185,8 @@ def _stage_config(x, k, grid_values, step, coef, acc, acc_weight, write_acc, fro
 def launch_euler(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
                  grid_values: torch.Tensor, step: int, out: torch.Tensor,
                  traj: Optional[torch.Tensor], guidance_weight: float, mix: bool) -> None:
-    """One Euler launch into buffers given (``v`` expanded to ``x``'s shape); the body of the
+    """One Euler launch into buffers given (the fields as ``contract.fields_as_read`` makes
+    them: ``x``'s shape, ``v_uncond`` with ``v``'s strides); the body of the
     op ``flowmatch_fast::triton_euler_step`` (:mod:`flowmatch_fast.ops`)."""
     if x.numel():
         _launch(_kernels()[0], x, _launch_config(x, v, grid_values, step, out, traj, v_uncond,
