@@ -92,7 +92,12 @@ class CapturedSampler:
                 raise
         self.replays = 0
 
-    def __call__(self, static_output: bool = False):
+    def __call__(self, static_output: bool = False, generators=None):
+        """Replay. ``generators``: the caller's, one per registered generator (the graph cache
+        registers its own, made at capture): their states are copied into the registered ones
+        before the replay and back after it, so that the call draws from them and leaves them
+        where an eager call leaves them (a graph advances a registered generator by what its
+        capture drew from it)."""
         order = self._order
         with order.lock, torch.cuda.device(self.device):
             stream = torch.cuda.current_stream(self.device)
@@ -103,9 +108,16 @@ class CapturedSampler:
                 # on another stream reads them: the allocator then keeps their memory until that
                 # stream's work is done, even if the graph is evicted while a replay is in flight.
                 self._replay_streams.add(stream)
-                for tensor in self._static_inputs:
-                    tensor.record_stream(stream)
+                for held in self._static_inputs:
+                    if hasattr(held, "record_stream"):  # a tensor (a compiled region is held too)
+                        held.record_stream(stream)
+            if generators is not None:
+                for mine, theirs in zip(self.generators, generators):
+                    mine.set_state(theirs.get_state())
             self.graph.replay()
+            if generators is not None:
+                for mine, theirs in zip(self.generators, generators):
+                    theirs.set_state(mine.get_state())
             order.stream = stream
             self.replays += 1
             if static_output:

@@ -12,7 +12,7 @@ import functools
 import threading
 import warnings
 import weakref
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -181,17 +181,20 @@ class GraphCache:
                 self._orders[device] = ReplayOrder()
             return self._pools[device], self._orders[device]
 
-    def call(self, key, watch, build: Callable[[], Callable], eager: Callable):
+    def call(self, key, watch, build: Callable[[], Callable], eager: Callable,
+             replay_args: Optional[dict] = None):
         """Replay the graph of ``key``; on a miss run ``eager()``, or capture with ``build()`` (a
         ``CapturedSampler``) when the signature was seen before and there is room. ``watch`` is
         the field object, or a tuple of them (two fields under guidance: the graph goes when
-        either is collected)."""
+        either is collected). ``replay_args``: keywords of this call's replay (the call's
+        generators, see ``CapturedSampler.__call__``)."""
+        replay_args = replay_args or {}
         failure = None
         with self._lock:
             sampler = self._graphs.get(key)
             if sampler is not None:
                 self.stats.replays += 1
-                return sampler()
+                return sampler(**replay_args)
             if self._failed.get(key) is not None or len(self._graphs) >= self.max_graphs:
                 self.stats.eager_fallbacks += 1
             elif self._first_sight(key, watch):
@@ -205,7 +208,7 @@ class GraphCache:
                     # go now, before the eager run
                     failure = f"{type(exc).__name__}: {exc}"
                 else:
-                    return sampler()
+                    return sampler(**replay_args)
         if failure is None:
             return eager()
         return self._run_uncaptured(key, watch, failure, eager)

@@ -80,3 +80,30 @@ def randn(shape, generators: Optional[Sequence[torch.Generator]], device: torch.
 def on_host(generators: Optional[Sequence[torch.Generator]], device: torch.device) -> bool:
     """Whether the draw happens on the CPU for a CUDA ``device`` (then it cannot be captured)."""
     return generators is not None and device.type != "cpu" and generators[0].device.type == "cpu"
+
+
+def graph_safe(generator) -> bool:
+    """Whether a call's ``generator=`` (as given) can be replayed by a cached CUDA graph: none,
+    or CUDA generators only (a CPU generator draws on the host)."""
+    if generator is None:
+        return True
+    gens = generator if isinstance(generator, (list, tuple)) else (generator,)
+    return all(isinstance(g, torch.Generator) and g.device.type == "cuda" for g in gens)
+
+
+def pattern(generators: Optional[Sequence[torch.Generator]]):
+    """What a cached graph of a call bakes in of its generators: how many, and which positions
+    share one (a row list may repeat a generator: those rows draw from it in turn)."""
+    if generators is None:
+        return None
+    first: dict = {}
+    return tuple(first.setdefault(id(g), k) for k, g in enumerate(generators))
+
+
+def private_twins(generators: Sequence[torch.Generator]) -> tuple:
+    """Generators of the graph cache's own, one per distinct generator of ``generators`` and in
+    the same positions: a cached graph registers these, and each call copies its own
+    generators' states in and out (``CapturedSampler.__call__``), so that a rollout's fresh
+    generators replay the same graph."""
+    twins: dict = {}
+    return tuple(twins.setdefault(id(g), torch.Generator(g.device)) for g in generators)

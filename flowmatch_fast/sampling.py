@@ -122,11 +122,12 @@ class Sampling:
         device = arguments.sampling_device(device)
         on_cuda = device.type == "cuda"
         in_user_graph = on_cuda and not torch.compiler.is_compiling() and _capturing(device)
-        # The cache serves CUDA calls outside the caller's own capture, and not noise=/generator=:
-        # a cached graph would read a tensor or generator the caller may drop (explicit
-        # capture(noise=..., generator=...) keeps them alive instead).
+        # The cache serves CUDA calls outside the caller's own capture, and not noise=: a cached
+        # graph would read a tensor the caller may drop (capture(noise=...) keeps it alive). A
+        # call's CUDA generators are copied in and out of the graph's own (CPU ones: eager).
         graph_wanted = use_graph and on_cuda and not in_user_graph
-        cacheable = graph_wanted and options.noise is None and options.generator is None
+        cacheable = (graph_wanted and options.noise is None
+                     and noise_mod.graph_safe(options.generator))
         # Compiled: never inside a capture or a trace in progress (the caller's own), nor for an
         # RL rollout that replays stored samples (the caller's tensors, which a region would
         # bake in) or draws its steps from generators (a draw a traced region cannot hold: the
@@ -155,20 +156,25 @@ class Sampling:
         graph_device = cuda_device(plan.device)
         pool, order = self._graphs.pool(graph_device)
 
+        gens = plan.generator
+
         def build():  # the grid is built here, once per capture, not on every cached call
+            held = plan if gens is None else plan.with_generators(noise_mod.private_twins(gens))
             if compiling:  # the compiled region inside our graph
-                return self._compiled.captured(self._run, fields, plan, mode, pool=pool,
+                return self._compiled.captured(self._run, fields, held, mode, pool=pool,
                                                order=order, keep_alive=False)
-            held = plan.with_grid()
+            held = held.with_grid()
             run = cast_cache_off(functools.partial(self._run, held, *fields), graph_device.type)
             return CapturedSampler(run, graph_device, pool=pool, order=order, keep_alive=False,
+                                   generators=held.generator or (),
                                    static_inputs=held.static_inputs())
 
         def eager():  # a first call, a full cache's or a failed capture's fallback: not captured
             return self._run(plan.resolved(self.backend, captured=False), *fields)
 
-        key = (*fkeys, plan.key(), "compiled" if compiling else "eager")
-        return self._graphs.call(key, watches, build, eager)
+        key = (*fkeys, plan.key(), noise_mod.pattern(gens), "compiled" if compiling else "eager")
+        return self._graphs.call(key, watches, build, eager,
+                                 None if gens is None else {"generators": gens})
 
     def _capture(self, fields: tuple, batch_size, device, warmup, options: "Options",
                  compile=None):
@@ -249,6 +255,11 @@ class _Plan(NamedTuple):
     generator: Optional[tuple]  # noise.check_generators: one generator, or one per row
     grid_dtype: torch.dtype  # arguments.grid_dtype: follows the default dtype
     rollout: Optional["sde.Rollout"] = None
+
+    def with_generators(self, generators: tuple) -> "_Plan":
+        """This plan drawing from ``generators`` instead (the initial noise and an SDE's steps)."""
+        rollout = None if self.rollout is None else self.rollout._replace(generators=generators)
+        return self._replace(generator=generators, rollout=rollout)
 
     def resolved(self, requested: str, captured: bool) -> "_Plan":
         """This plan with the ``requested`` backend resolved for an eager (``captured=False``)

@@ -101,14 +101,23 @@ class FakeStream:
 
 
 class FakeGraph:
+    """Registers generators; a replay advances each registered one by what one draw takes, as a
+    CUDA graph advances its registered generators by what its capture drew from them."""
+
     def __init__(self, cuda):
         self.cuda = cuda
+        self.generators = []
 
     def register_generator_state(self, generator):
         self.cuda.log.append(("register", generator.name, self.cuda.current))
+        if generator not in self.generators:
+            self.generators.append(generator)
 
     def replay(self):
         self.cuda.log.append(("replay", self.cuda.current, self.cuda.stream.name))
+        for g in self.generators:
+            self.cuda.log.append(("draw", g.name, g.state))
+            g.draw()
 
 
 class FakeGenerator:

@@ -44,6 +44,25 @@ def test_a_generator_per_row_is_registered_and_restored_each(fake_cuda):
     assert sampler.generators == tuple(gens)
 
 
+def test_a_replay_for_a_callers_generators_draws_from_their_states_and_advances_them(fake_cuda):
+    """The graph cache registers generators of its own (one per distinct generator of the call
+    that captured, in the same positions) and replays for each later call's generators: their
+    states are copied into its own before the replay, and the advanced states back after, so a
+    rollout's fresh generators replay one graph; a generator repeated in a row list (rows drawing
+    from it in turn) is one registered generator."""
+    mine = [FakeGenerator("p0"), FakeGenerator("p1")]
+    sampler = CapturedSampler(lambda: torch.zeros(1), "cuda:0", generators=[mine[0], mine[1], mine[0]])
+    theirs = [FakeGenerator("g0"), FakeGenerator("g1")]
+    theirs[0].state, theirs[1].state = 40, 70
+    del fake_cuda.log[:]
+    sampler(generators=[theirs[0], theirs[1], theirs[0]])
+    draws = [e for e in fake_cuda.log if e[0] == "draw"]
+    assert draws == [("draw", "p0", 40), ("draw", "p1", 70)]  # drew from the caller's states
+    assert (theirs[0].state, theirs[1].state) == (41, 71)  # left where an eager call leaves them
+    sampler()  # a replay for nobody's generators: its own, as they are
+    assert (theirs[0].state, theirs[1].state) == (41, 71)
+
+
 def test_a_replay_on_another_stream_records_the_held_inputs_on_it(fake_cuda):
     """The held grid is made on the capturing stream; a replay on another stream reads it, so
     the allocator is told (``record_stream``) before that replay: evicting the graph while the

@@ -9,6 +9,7 @@ from flowmatch_fast import FlowMatching, alpamayo1_5, alpamayo1_x_rl
 from bitwise import assert_bitwise
 from fields import make_field
 from oracle import _euler, spec_randn
+from capture_fakes import captures_on_cpu  # noqa: F401  (a fixture)
 
 CLASSES = [pytest.param(FlowMatching, id="r1"), pytest.param(alpamayo1_5.FlowMatching, id="1.5"),
            pytest.param(alpamayo1_x_rl.FlowMatching, id="rl")]
@@ -97,3 +98,55 @@ def test_captured_per_row_generators_replay_like_eager_calls(cls):
         eager = _rows(seeds, "cuda")
         fm.sample(6, field, device="cuda", generator=eager)
         assert all(torch.equal(a, e.get_state()) for a, e in zip(after, eager))
+
+
+class _Replaying:
+    """Stands in for a captured sampler on CPU: each call copies the caller's generators' states
+    into the ones the sampler was built with, reruns the sampling call (as a replay reruns its
+    kernels, drawing from its registered generators) and copies the states back out."""
+
+    made = []
+
+    def __init__(self, run, device, generators=(), **kw):
+        self.run, self.generators = run, tuple(generators)
+        _Replaying.made.append(self)
+
+    def __call__(self, static_output=False, generators=None):
+        for mine, theirs in zip(self.generators, generators or ()):
+            mine.set_state(theirs.get_state())
+        out = self.run()
+        for mine, theirs in zip(self.generators, generators or ()):
+            theirs.set_state(mine.get_state())
+        return out
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_the_graph_cache_replays_one_graph_for_fresh_generators_per_call(cls, monkeypatch,
+                                                                      captures_on_cpu):
+    """cuda_graph=True with a list of fresh generators per call (a rollout's seeds): one graph,
+    captured on the signature's second call, drawing from generators of its own into which each
+    call's are copied; every call equals the eager one and leaves its generators as it would."""
+    from flowmatch_fast import noise, sampling
+
+    _Replaying.made = []
+    monkeypatch.setattr(sampling, "CapturedSampler", _Replaying)
+    monkeypatch.setattr(noise, "graph_safe", lambda generator: True)  # CPU ones stand in
+    field = make_field("contiguous", torch.bfloat16, [8, 2], 3)
+    kw = dict(return_info=True) if cls is alpamayo1_x_rl.FlowMatching else {}
+    args = ("sde",) if cls is alpamayo1_x_rl.FlowMatching else ()
+    fm = cls(*args, x_dims=(8, 2), num_inference_steps=3, cuda_graph=True)
+    eager = cls(*args, x_dims=(8, 2), num_inference_steps=3)
+    seeds = [[s, s + 1, s, s + 2] for s in (10, 20, 30, 40)]  # a repeated generator too
+    for rows in seeds:
+        gens, eager_gens = _rows(rows), _rows(rows)
+        gens[2] = gens[0]
+        eager_gens[2] = eager_gens[0]
+        got = fm.sample(4, field, device="cuda:0", generator=gens, **kw)
+        want = eager.sample(4, field, generator=eager_gens, **kw)
+        for k in (want if isinstance(want, dict) else {None: want}):
+            g, w = (got[k], want[k]) if k is not None else (got, want)
+            assert torch.equal(g, w), (rows, k)
+        assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(gens, eager_gens))
+    stats = fm.graph_stats
+    assert len(_Replaying.made) == 1 and (stats.first_calls, stats.captures, stats.replays) == (1, 1, 2)
+    assert len({id(g) for g in _Replaying.made[0].generators}) == 3  # the repeated one is one
