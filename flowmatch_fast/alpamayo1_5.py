@@ -9,15 +9,14 @@ is that API over the same planning, integration, kernels and graph cache as the 
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Union
 
 import torch
 
 from . import base
 from .base import StepFn
-from .arguments import euler_steps, mix_weight
-from .kernels import reference
+from .arguments import euler_steps
+from .guidance import TwoFields
 from .sampling import Options, Sampling
 from .graph import CapturedSampler
 
@@ -35,7 +34,7 @@ class BaseDiffusion(base.BaseDiffusion):
         self.use_classifier_free_guidance = use_classifier_free_guidance
 
 
-class FlowMatching(Sampling, BaseDiffusion):
+class FlowMatching(TwoFields, Sampling, BaseDiffusion):
     """Flow-matching sampler, a drop-in replacement for Alpamayo 1.5's ``FlowMatching``.
 
     ``FlowMatching(int_method, num_inference_steps, inference_guidance_weight, *args, **kwargs)``;
@@ -68,30 +67,6 @@ class FlowMatching(Sampling, BaseDiffusion):
         if inference_guidance_weight is None:
             inference_guidance_weight = self.inference_guidance_weight
         return use_classifier_free_guidance, inference_guidance_weight
-
-    def _fields(self, step_fn, unguided_step_fn, use, weight, options: Options):
-        """(the fields the plan calls, guided first; ``options`` with the guidance) of one call
-        whose guidance is resolved. An override of ``_guided_v`` (a subclass's, an instance's)
-        makes the velocity, called as the original's loop calls it."""
-        if not use:
-            return (step_fn,), options
-        if unguided_step_fn is None:
-            raise ValueError("use_classifier_free_guidance is on but no unguided_step_fn was "
-                             "given: pass the unguided field as the third argument of sample")
-        guided_v = base.override_of(self, "_guided_v", _OWN_GUIDED_V)
-        if guided_v is not None:
-            return (functools.partial(guided_v, step_fn=step_fn, unguided_step_fn=unguided_step_fn,
-                                      inference_guidance_weight=weight),), options
-        return (step_fn, unguided_step_fn), options._replace(guidance="mix",
-                                                             weight=mix_weight(weight))
-
-    @staticmethod
-    def _guided_v(step_fn: StepFn, x: torch.Tensor, t: torch.Tensor, unguided_step_fn: StepFn,
-                  inference_guidance_weight: float):
-        """The original's guided velocity, which third-party loops call: ``step_fn`` first, then
-        ``unguided_step_fn``, and ``(1 - w) * vu + w * vg`` as PyTorch evaluates it."""
-        return reference.mixed_velocity(step_fn(x=x, t=t), unguided_step_fn(x=x, t=t),
-                                        inference_guidance_weight)
 
     def _euler(self, batch_size: int, step_fn: StepFn, unguided_step_fn: Optional[StepFn] = None,
                device=torch.device("cpu"), return_all_steps: bool = False, inference_step=None,
@@ -165,27 +140,12 @@ class FlowMatching(Sampling, BaseDiffusion):
                          temperature=temperature,
                          **({} if generator is None else {"generator": generator}))
 
+    @base.capture_like(sample)
     @torch.no_grad()
-    def capture(
-        self,
-        batch_size: int,
-        step_fn: StepFn,
-        unguided_step_fn: Optional[StepFn] = None,
-        device: Union[torch.device, str] = "cuda",
-        return_all_steps: bool = False,
-        inference_step: Optional[int] = None,
-        int_method: Optional[str] = None,
-        use_classifier_free_guidance: Optional[bool] = None,
-        inference_guidance_weight: Optional[float] = None,
-        temperature: float = 1.0,
-        *,
-        warmup: int = 2,
-        compile: Optional[Union[bool, str]] = None,
-        timesteps=None,
-        shift: Optional[float] = None,
-        noise: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> CapturedSampler:
+    def capture(self, batch_size, step_fn, unguided_step_fn, device, return_all_steps,
+                inference_step, int_method, use_classifier_free_guidance,
+                inference_guidance_weight, temperature, *, warmup, compile, timesteps, shift, noise,
+                generator) -> CapturedSampler:
         """Capture one sampling call (noise, both fields' calls, every update) in a CUDA graph.
 
         Arguments as :meth:`sample`; ``sampler()`` replays it (see the R1 class's ``capture``).
@@ -199,4 +159,4 @@ class FlowMatching(Sampling, BaseDiffusion):
 
 
 # What `sample` runs itself, unless replaced on the instance or a subclass.
-_OWN_EULER, _OWN_GUIDED_V = FlowMatching._euler, FlowMatching._guided_v
+_OWN_EULER = FlowMatching._euler

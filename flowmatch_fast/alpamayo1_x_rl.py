@@ -11,15 +11,13 @@ one fused launch per step on the Triton and CUDA backends), per-row generators
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Union
 
 import torch
 
 from . import base
-from .arguments import mix_weight
 from .base import StepFn
-from .kernels import reference
+from .guidance import TwoFields
 from .rl_training import RecipesTraining
 from .sampling import Options, Sampling
 from .sde import RolloutOptions
@@ -31,7 +29,7 @@ INT_METHODS = ("euler", "midpoint", "sde")
 _PLAN_METHODS = {"euler": "euler", "midpoint": "midpoint-rl", "sde": "sde"}
 
 
-class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
+class FlowMatching(RecipesTraining, TwoFields, Sampling, base.BaseDiffusion):
     """Flow-matching sampler, a drop-in replacement for the RL recipes' ``FlowMatching``.
 
     ``FlowMatching(int_method, train_timestep_sampler, num_inference_steps,
@@ -87,18 +85,6 @@ class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
                              f"one of {INT_METHODS}; got {method!r})")
         return method, weight, use
 
-    def _fields(self, step_fn, unguided_step_fn, use, weight, options: Options):
-        """(the fields the plan calls, ``options`` with the guidance): as Alpamayo 1.5's; an
-        override of ``_guided_v`` makes the velocity, called as the recipes call it."""
-        if not use:
-            return (step_fn,), options
-        guided_v = base.override_of(self, "_guided_v", _OWN["_guided_v"])
-        if guided_v is not None:
-            return (functools.partial(guided_v, step_fn=step_fn, unguided_step_fn=unguided_step_fn,
-                                      inference_guidance_weight=weight),), options
-        return (step_fn, unguided_step_fn), options._replace(guidance="mix",
-                                                             weight=mix_weight(weight))
-
     def _options(self, method, steps, unguided_step_fn, weight, use, temperature, generator,
                  return_all_steps=False, rollout=None):
         """(fields, :class:`Options`) of an ``"euler"``, ``"midpoint"`` or ``"sde"`` call."""
@@ -111,6 +97,18 @@ class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
         options = Options(return_all_steps, steps, _PLAN_METHODS[method], None, 1.0, temperature,
                           None, None, None, generator, rollout)
         return options
+
+    def _call(self, method, step_fn, unguided_step_fn, steps, weight, use, temperature, generator,
+              form, timesteps, noise_level, samples_list, sde_type):
+        """(fields, :class:`Options`) of a ``sample`` or ``capture`` call whose method, weight
+        and guidance are resolved; ``form``: what it returns (``"x"``, ``"all_steps"``,
+        ``"info"``), which decides whether the SDE keeps its trajectory."""
+        rollout = None
+        if method == "sde":
+            rollout = RolloutOptions(timesteps, noise_level, samples_list, sde_type, form != "x")
+        options = self._options(method, steps, unguided_step_fn, weight, use, temperature,
+                                generator, form == "all_steps" and rollout is None, rollout)
+        return self._fields(step_fn, unguided_step_fn, use, weight, options)
 
     @torch.no_grad()
     def sample(
@@ -152,16 +150,13 @@ class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
                                             use_classifier_free_guidance, unguided_step_fn)
         steps = self.num_inference_steps if inference_step is None else inference_step
         override = base.override_of(self, f"_{method}", _OWN[f"_{method}"])
-        form = "info" if return_info else "all_steps" if return_all_steps else "x"
+        form = _form(method, return_all_steps, return_info)
         if override is None:  # the fast path: one plan, one call
-            rollout = None
-            if method == "sde":
-                rollout = RolloutOptions(timesteps, noise_level, samples_list, sde_type, form != "x")
-            options = self._options(method, steps, unguided_step_fn, weight, use, temperature,
-                                    generator, return_all_steps and rollout is None, rollout)
-            fields, options = self._fields(step_fn, unguided_step_fn, use, weight, options)
+            fields, options = self._call(method, step_fn, unguided_step_fn, steps, weight, use,
+                                         temperature, generator, form, timesteps, noise_level,
+                                         samples_list, sde_type)
             return _returned(self._sample(fields, batch_size, device, cuda_graph, options,
-                                          compile), form, rollout is not None)
+                                          compile), form, method == "sde")
         with base.passing_through((Options(), cuda_graph, compile)):  # the recipes' call of the override
             if method != "sde":
                 return override(batch_size=batch_size, step_fn=step_fn,
@@ -223,29 +218,12 @@ class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
                                        inference_guidance_weight, options)
         return self._sample(fields, batch_size, device, cuda_graph, options, compile)
 
+    @base.capture_like(sample)
     @torch.no_grad()
-    def capture(
-        self,
-        batch_size: int,
-        step_fn: StepFn,
-        unguided_step_fn: Optional[StepFn] = None,
-        device: Union[torch.device, str] = "cuda",
-        return_all_steps: bool = False,
-        inference_step: Optional[int] = None,
-        timesteps: Optional[list] = None,
-        int_method: Optional[str] = None,
-        inference_guidance_weight: Optional[float] = None,
-        use_classifier_free_guidance: Optional[bool] = None,
-        temperature: float = 1.0,
-        *,
-        warmup: int = 2,
-        compile: Optional[Union[bool, str]] = None,
-        generator=None,
-        noise_level: float = 0.7,
-        samples_list: Optional[list] = None,
-        sde_type: str = "sde",
-        return_info: bool = False,
-    ) -> "RolloutSampler":
+    def capture(self, batch_size, step_fn, unguided_step_fn, device, return_all_steps,
+                inference_step, timesteps, int_method, inference_guidance_weight,
+                use_classifier_free_guidance, temperature, *, warmup, compile, generator,
+                noise_level, samples_list, sde_type, return_info) -> RolloutSampler:
         """Capture one whole call (initial noise, every field call, every step's noise draw and
         fused update, the log-prob reductions) in a CUDA graph; ``sampler()`` replays it and
         returns what :meth:`sample` returns. A ``generator`` (one, or one per row) advances on
@@ -254,22 +232,19 @@ class FlowMatching(RecipesTraining, Sampling, base.BaseDiffusion):
         method, weight, use = self._resolve(int_method, inference_guidance_weight,
                                             use_classifier_free_guidance, unguided_step_fn)
         steps = self.num_inference_steps if inference_step is None else inference_step
-        form = "info" if return_info else "all_steps" if return_all_steps else "x"
-        rollout = None
-        if method == "sde":
-            rollout = RolloutOptions(timesteps, noise_level, samples_list, sde_type, form != "x")
-        options = self._options(method, steps, unguided_step_fn, weight, use, temperature,
-                                generator, return_all_steps and rollout is None, rollout)
-        fields, options = self._fields(step_fn, unguided_step_fn, use, weight, options)
+        form = _form(method, return_all_steps, return_info)
+        fields, options = self._call(method, step_fn, unguided_step_fn, steps, weight, use,
+                                     temperature, generator, form, timesteps, noise_level,
+                                     samples_list, sde_type)
         captured = self._capture(fields, batch_size, device, warmup, options, compile)
-        return RolloutSampler(captured, form, rollout is not None)
+        return RolloutSampler(captured, form, method == "sde")
 
-    @staticmethod
-    def _guided_v(step_fn: StepFn, x: torch.Tensor, t: torch.Tensor, unguided_step_fn: StepFn,
-                  inference_guidance_weight: float) -> torch.Tensor:
-        """The guided velocity ``(1 - w) * vu + w * vg``, the guided field called first."""
-        return reference.mixed_velocity(step_fn(x=x, t=t), unguided_step_fn(x=x, t=t),
-                                        inference_guidance_weight)
+def _form(method: str, return_all_steps, return_info) -> str:
+    """What a call returns: ``"info"`` (the SDE's dict; ``return_info`` is the SDE's alone),
+    ``"all_steps"`` (the pair) or ``"x"``."""
+    if return_info and method == "sde":
+        return "info"
+    return "all_steps" if return_all_steps else "x"
 
 
 def _returned(out, form: str, sde: bool):
@@ -299,4 +274,4 @@ class RolloutSampler:
 
 
 # What `sample` runs itself, unless replaced on the instance or a subclass.
-_OWN = {name: getattr(FlowMatching, name) for name in ("_euler", "_midpoint", "_sde", "_guided_v")}
+_OWN = {name: getattr(FlowMatching, name) for name in ("_euler", "_midpoint", "_sde")}

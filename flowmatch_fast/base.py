@@ -152,3 +152,34 @@ class BaseDiffusion(abc.ABC, nn.Module):
     @abc.abstractmethod
     def sample(self, batch_size: int, step_fn: StepFn, *args, **kwargs):
         """Draw ``batch_size`` samples by integrating ``step_fn`` from noise to data."""
+
+
+def capture_like(sample):
+    """Decorates a class's ``capture``: it takes what ``sample`` takes (the same parameters,
+    ``device`` defaulting to ``"cuda"``, no ``cuda_graph``) and a keyword-only ``warmup=2``;
+    ``inspect.signature`` and ``help`` show that signature. The decorated body receives the
+    bound arguments by name (``warmup`` among them), the extra positionals and unknown keywords
+    aside (accepted and ignored as ``sample`` does, a misspelt option of ours warned once)."""
+    params = [p.replace(default="cuda") if p.name == "device" else p
+              for p in inspect.signature(sample).parameters.values() if p.name != "cuda_graph"]
+    at = next(k for k, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD)
+    params.insert(at, inspect.Parameter("warmup", inspect.Parameter.KEYWORD_ONLY, default=2,
+                                        annotation=int))
+    signature = inspect.Signature(params)
+
+    def decorate(body):
+        @functools.wraps(body)
+        def capture(self, *args, **kwargs):
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            named = dict(bound.arguments)
+            named.pop("args", None)
+            warn_unknown_keywords(f"{type(self).__name__}.capture", named.pop("kwargs", {}),
+                                  type(self))
+            return body(**named)
+
+        capture.__signature__ = signature.replace(
+            return_annotation=inspect.signature(body).return_annotation)
+        return capture
+
+    return decorate

@@ -145,25 +145,11 @@ class FlowMatching(Sampling, BaseDiffusion):
             return_all_steps=return_all_steps, inference_step=inference_step, int_method="euler"),
             compile)
 
+    @base.capture_like(sample)
     @torch.no_grad()
-    def capture(
-        self,
-        batch_size: int,
-        step_fn: StepFn,
-        device: Union[torch.device, str] = "cuda",
-        return_all_steps: bool = False,
-        inference_step: Optional[int] = None,
-        int_method: Optional[str] = None,
-        *,
-        warmup: int = 2,
-        compile: Optional[Union[bool, str]] = None,
-        guidance: bool = False,
-        guidance_weight: Optional[float] = None,
-        timesteps=None,
-        shift: Optional[float] = None,
-        noise: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> CapturedSampler:
+    def capture(self, batch_size, step_fn, device, return_all_steps, inference_step, int_method, *,
+                warmup, compile, guidance, guidance_weight, timesteps, shift, noise,
+                generator) -> CapturedSampler:
         """Capture one sampling call (noise, every field call, every update) in a CUDA graph.
 
         ``sampler = fm.capture(6, step_fn, device="cuda")``; ``sampler()`` replays it and returns a
@@ -181,25 +167,9 @@ class FlowMatching(Sampling, BaseDiffusion):
     # ------------------------------------------------------------------ training
     def construct_training_data(self, x: torch.Tensor) -> dict:
         """Noisy inputs for one training step: ``noisy_x = t * x + (1 - t) * noise``."""
-        batch_size = x.shape[0]
-        if self.train_timestep_sampler == "uniform":
-            timesteps = torch.rand((batch_size,), device=x.device)
-        elif self.train_timestep_sampler == "beta":
-            timesteps = self.beta_dist.sample((batch_size,)).to(x.device)
-            timesteps = self.beta_scale_constant - timesteps * self.beta_scale_constant
-        else:  # the original constructs with any name and fails here, where it is used
-            raise ValueError(f"train_timestep_sampler must be one of {TIMESTEP_SAMPLERS}; got "
-                             f"{self.train_timestep_sampler!r}")
-        timesteps = timesteps.view(batch_size, *([1] * (x.dim() - 1)))
-        noise = torch.randn_like(x)
-        noisy_x = timesteps * x + (1 - timesteps) * noise
-        return {
-            "x": x,
-            "noisy_x": noisy_x,
-            "timesteps": timesteps,
-            "noise": noise,
-            "is_drop_guidance": None,
-        }
+        # the original constructs with any sampler name and fails here, where it is used
+        return training_data(self, x, f"train_timestep_sampler must be one of "
+                                      f"{TIMESTEP_SAMPLERS}; got {self.train_timestep_sampler!r}")
 
     def compute_loss_from_pred(self, training_data: dict, pred: torch.Tensor) -> torch.Tensor:
         """Mean squared error between ``pred`` and the velocity target ``x - noise``."""
@@ -208,3 +178,23 @@ class FlowMatching(Sampling, BaseDiffusion):
 
 
 _OWN_EULER = FlowMatching._euler  # what `sample` runs itself, unless replaced
+
+
+def training_data(sampler, x: torch.Tensor, invalid: str) -> dict:
+    """The training data of one step, as the originals draw it (t, then the noise): ``t`` from
+    ``sampler.train_timestep_sampler`` (``"uniform"``: ``rand``; ``"beta"``: its ``beta_dist``
+    on the CPU, scaled to ``0.999 - u * 0.999``), shaped ``[B, 1, ...]``; ``noisy_x = t * x +
+    (1 - t) * noise``. ``invalid``: the error of another sampler name (each original words it
+    its own way). Shared by the R1 class and the RL recipes' training helpers."""
+    batch_size = x.shape[0]
+    if sampler.train_timestep_sampler == "uniform":
+        t = torch.rand((batch_size,), device=x.device)
+    elif sampler.train_timestep_sampler == "beta":
+        t = sampler.beta_dist.sample((batch_size,)).to(x.device)
+        t = sampler.beta_scale_constant - t * sampler.beta_scale_constant
+    else:
+        raise ValueError(invalid)
+    t = t.view(batch_size, *([1] * (x.dim() - 1)))
+    noise = torch.randn_like(x)
+    return {"x": x, "noisy_x": t * x + (1 - t) * noise, "timesteps": t, "noise": noise,
+            "is_drop_guidance": None}

@@ -12,6 +12,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from .flow_matching import training_data
+
 
 class RecipesTraining:
     """The training helpers of the RL recipes' sampler (attributes ``train_timestep_sampler``,
@@ -20,21 +22,10 @@ class RecipesTraining:
     def construct_training_data(self, x: torch.Tensor) -> dict:
         """Noisy inputs for one training step (``noisy_x = t * x + (1 - t) * noise``); with
         guidance on, the drop mask ``rand(B) < train_ignore_guidance_rate``, drawn last."""
-        batch_size = x.shape[0]
-        if self.train_timestep_sampler == "uniform":
-            t = torch.rand((batch_size,), device=x.device)
-        elif self.train_timestep_sampler == "beta":
-            t = self.beta_dist.sample((batch_size,)).to(x.device)
-            t = self.beta_scale_constant - t * self.beta_scale_constant
-        else:
-            raise ValueError(f"Invalid time sampler: {self.train_timestep_sampler} (expected "
-                             "'uniform' or 'beta')")
-        t = t.reshape(batch_size, *[1] * (x.dim() - 1))
-        noise = torch.randn_like(x)
-        data = {"x": x, "noisy_x": t * x + (1 - t) * noise, "timesteps": t, "noise": noise,
-                "is_drop_guidance": None}
+        data = training_data(self, x, f"Invalid time sampler: {self.train_timestep_sampler} "
+                                      "(expected 'uniform' or 'beta')")
         if self.use_classifier_free_guidance:
-            data["is_drop_guidance"] = (torch.rand(batch_size, device=x.device)
+            data["is_drop_guidance"] = (torch.rand(x.shape[0], device=x.device)
                                         < self.train_ignore_guidance_rate)
         return data
 

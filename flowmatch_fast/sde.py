@@ -136,14 +136,8 @@ def plan_rollout(options: RolloutOptions, steps: int, shape, device: torch.devic
     if options.samples_list is not None:
         samples = check_samples(options.samples_list, steps, shape, device)
     if options.timesteps is not None:
-        values = options.timesteps
-        if not isinstance(values, (list, tuple)):
-            raise TypeError(f"timesteps must be a list of T + 1 numbers (the recipes look steps "
-                            f"up with list.index), got {type(values).__name__}")
-        if len(values) != steps + 1:
-            raise LengthError(f"timesteps must have length inference_step + 1 = {steps + 1}; "
-                              f"got {len(values)}")
-        values = list(values)
+        values = list(_check_list("timesteps", options.timesteps, steps, "numbers (the recipes "
+                                  "look steps up with list.index)"))
     else:
         values = torch.linspace(0.0, 1.0, steps + 1).tolist()
     if steps < 1:
@@ -188,13 +182,7 @@ def check_noise_level(noise_level) -> float:
 
 def check_samples(samples_list, steps: int, shape, device: torch.device) -> tuple:
     """A stored rollout to replay: ``T + 1`` floating tensors of the state's shape on ``device``."""
-    if not isinstance(samples_list, (list, tuple)):
-        raise TypeError(f"samples_list must be a list of T + 1 tensors, got "
-                        f"{type(samples_list).__name__}")
-    if len(samples_list) != steps + 1:
-        raise LengthError(f"samples_list must have length inference_step + 1 = {steps + 1}; "
-                          f"got {len(samples_list)}")
-    for k, s in enumerate(samples_list):
+    for k, s in enumerate(_check_list("samples_list", samples_list, steps, "tensors")):
         if not isinstance(s, torch.Tensor):
             raise TypeError(f"samples_list[{k}] must be a tensor, got {type(s).__name__}")
         if tuple(s.shape) != tuple(shape):
@@ -206,6 +194,17 @@ def check_samples(samples_list, steps: int, shape, device: torch.device) -> tupl
             raise ValueError(f"samples_list[{k}] is on {s.device}; expected the sampling "
                              f"device {device}")
     return tuple(samples_list)
+
+
+def _check_list(name: str, value, steps: int, what: str):
+    """A list (or tuple) of ``steps + 1`` entries, as the recipes take ``timesteps`` and
+    ``samples_list``; their length check raises :class:`LengthError`."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of T + 1 {what}, got {type(value).__name__}")
+    if len(value) != steps + 1:
+        raise LengthError(f"{name} must have length inference_step + 1 = {steps + 1}; "
+                          f"got {len(value)}")
+    return value
 
 
 class LengthError(ValueError, AssertionError):

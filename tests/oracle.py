@@ -27,6 +27,19 @@ def spec_sample(x_dims, batch_size, step_fn, device="cpu", steps=10, return_all_
     return _euler(x, steps, lambda x, t: step_fn(x=x, t=t), device, return_all_steps)
 
 
+def _guided_velocity(step_fn, unguided_step_fn, guidance, weight):
+    """SPEC's velocity of Alpamayo 1.5 and the RL recipes: the field, or with guidance the guided
+    field first, then the unguided one, ``(1 - w) * vu + w * vg`` as PyTorch evaluates it."""
+    def velocity(x, t):
+        if not guidance:
+            return step_fn(x=x, t=t)
+        vg = step_fn(x=x, t=t)
+        vu = unguided_step_fn(x=x, t=t)
+        return (1 - weight) * vu + weight * vg
+
+    return velocity
+
+
 @torch.no_grad()
 def spec_sample_1_5(x_dims, batch_size, step_fn, unguided_step_fn=None, device="cpu", steps=10,
                     return_all_steps=False, guidance=False, weight=1.0, temperature=1.0):
@@ -35,13 +48,7 @@ def spec_sample_1_5(x_dims, batch_size, step_fn, unguided_step_fn=None, device="
     x_dims = [x_dims] if isinstance(x_dims, int) else list(x_dims)
     x = torch.randn(batch_size, *x_dims, device=device) * temperature
 
-    def velocity(x, t):
-        if not guidance:
-            return step_fn(x=x, t=t)
-        vg = step_fn(x=x, t=t)
-        vu = unguided_step_fn(x=x, t=t)
-        return (1 - weight) * vu + weight * vg
-
+    velocity = _guided_velocity(step_fn, unguided_step_fn, guidance, weight)
     return _euler(x, steps, velocity, device, return_all_steps)
 
 
@@ -83,12 +90,7 @@ def spec_sample_rl(x_dims, batch_size, step_fn, unguided_step_fn=None, device="c
     x_dims = [x_dims] if isinstance(x_dims, int) else list(x_dims)
     n = len(x_dims)
 
-    def velocity(x, t):
-        if not guidance:
-            return step_fn(x=x, t=t)
-        vg = step_fn(x=x, t=t)
-        vu = unguided_step_fn(x=x, t=t)
-        return (1 - weight) * vu + weight * vg
+    velocity = _guided_velocity(step_fn, unguided_step_fn, guidance, weight)
 
     if samples_list is not None:
         x = samples_list[0]
@@ -252,20 +254,32 @@ class Original1_5(_Original1_5Base):
         return _euler(x, inference_step, velocity, device, return_all_steps)
 
 
-class OriginalRL(_Original):
-    """The RL recipes' ``FlowMatching`` (SPEC: "The RL recipes' FlowMatching"): R1's base, the
-    ``or`` fall-backs, ``sample`` dispatching to ``_euler`` / ``_midpoint`` / ``_sde`` with the
-    recipes' arguments, ``_guided_v`` making the guided velocity."""
+def _recipes_integrator(method):
+    """The RL recipes' ``_euler`` / ``_midpoint`` (one signature, two methods)."""
+    def integrator(self, batch_size, step_fn, unguided_step_fn=None, device=torch.device("cpu"),
+                   return_all_steps=False, inference_step=None, inference_guidance_weight=None,
+                   use_classifier_free_guidance=None, temperature=1.0, generator=None):
+        _, _, states, grid = self._loop(method, batch_size, step_fn, unguided_step_fn, device,
+                                        inference_step or self.num_inference_steps,
+                                        inference_guidance_weight, use_classifier_free_guidance,
+                                        temperature, generator)
+        return (states, grid) if return_all_steps else states[:, -1]
+
+    integrator.__name__ = f"_{method}"
+    return integrator
+
+
+class OriginalRL(OriginalR1):
+    """The RL recipes' ``FlowMatching`` (SPEC: "The RL recipes' FlowMatching"): R1's constructor
+    and ``use_classifier_free_guidance``, the ``or`` fall-backs, ``sample`` dispatching to
+    ``_euler`` / ``_midpoint`` / ``_sde`` with the recipes' arguments, ``_guided_v`` making the
+    guided velocity. (A subclass of the R1 stand-in for its constructor only.)"""
 
     def __init__(self, int_method="euler", train_timestep_sampler="beta", num_inference_steps=10,
                  train_ignore_guidance_rate=0.1, inference_guidance_weight=1.0,
                  use_classifier_free_guidance=False, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.int_method = int_method
-        self.train_timestep_sampler = train_timestep_sampler
-        self.num_inference_steps = num_inference_steps
-        self.train_ignore_guidance_rate = train_ignore_guidance_rate
-        self.inference_guidance_weight = inference_guidance_weight
+        super().__init__(int_method, train_timestep_sampler, num_inference_steps,
+                         train_ignore_guidance_rate, inference_guidance_weight, *args, **kwargs)
         self.use_classifier_free_guidance = use_classifier_free_guidance
 
     @torch.no_grad()
@@ -311,23 +325,8 @@ class OriginalRL(_Original):
                               guided if use_classifier_free_guidance else step_fn, None, device,
                               inference_step, method, False, 1.0, temperature, generator, **sde)
 
-    def _euler(self, batch_size, step_fn, unguided_step_fn=None, device=torch.device("cpu"),
-               return_all_steps=False, inference_step=None, inference_guidance_weight=None,
-               use_classifier_free_guidance=None, temperature=1.0, generator=None):
-        _, _, states, grid = self._loop("euler", batch_size, step_fn, unguided_step_fn, device,
-                                        inference_step or self.num_inference_steps,
-                                        inference_guidance_weight, use_classifier_free_guidance,
-                                        temperature, generator)
-        return (states, grid) if return_all_steps else states[:, -1]
-
-    def _midpoint(self, batch_size, step_fn, unguided_step_fn=None, device=torch.device("cpu"),
-                  return_all_steps=False, inference_step=None, inference_guidance_weight=None,
-                  use_classifier_free_guidance=None, temperature=1.0, generator=None):
-        _, _, states, grid = self._loop("midpoint", batch_size, step_fn, unguided_step_fn, device,
-                                        inference_step or self.num_inference_steps,
-                                        inference_guidance_weight, use_classifier_free_guidance,
-                                        temperature, generator)
-        return (states, grid) if return_all_steps else states[:, -1]
+    _euler = _recipes_integrator("euler")
+    _midpoint = _recipes_integrator("midpoint")
 
     def _sde(self, batch_size, step_fn, unguided_step_fn=None, device=torch.device("cpu"),
              inference_step=None, timesteps=None, inference_guidance_weight=None, noise_level=0.7,
@@ -344,3 +343,12 @@ for _cls, _module in ((OriginalR1, "alpamayo_r1.diffusion.flow_matching"),
                       (OriginalRL, "alpamayo1_x_rl.diffusion.flow_matching")):
     _cls.__name__ = _cls.__qualname__ = "FlowMatching"
     _cls.__module__ = _module
+
+
+class Policy(torch.nn.Module):
+    """A model as Alpamayo's are built: an expert, a projection, the sampler from the config."""
+
+    def __init__(self, diffusion):
+        super().__init__()
+        self.action_out_proj = torch.nn.Linear(4, 2)
+        self.diffusion = diffusion

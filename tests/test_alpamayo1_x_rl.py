@@ -299,3 +299,15 @@ def test_the_graph_cache_replays_rollouts_with_fresh_generators_and_the_global_r
         want = eager.sample(12, field, device="cuda", return_info=True)
         assert all(torch.equal(got[k], want[k]) for k in want)
     assert fm.graph_stats.captures == 2 and fm.graph_stats.replays == 3
+
+
+def test_return_info_is_the_sdes_alone():
+    """``return_info`` is read by the recipes' SDE branch only: euler and midpoint return what
+    ``return_all_steps`` asks for."""
+    fm = FlowMatching("euler", num_inference_steps=3, x_dims=(4, 2))
+    field = lambda *, x, t: -x  # noqa: E731
+    for method in ("euler", "midpoint"):
+        states, grid = fm.sample(2, field, int_method=method, return_all_steps=True,
+                                 return_info=True)
+        assert states.shape == (2, 4, 4, 2) and grid.shape == (4,)
+        assert fm.sample(2, field, int_method=method, return_info=True).shape == (2, 4, 2)

@@ -16,7 +16,7 @@ from flowmatch_fast import FlowMatching
 from flowmatch_fast.alpamayo1_5 import FlowMatching as FlowMatching1_5
 from bitwise import assert_bitwise
 from fields import smooth
-from oracle import Original1_5, OriginalR1
+from oracle import Original1_5, OriginalR1, Policy
 
 
 def field(*, x, t):
@@ -25,15 +25,6 @@ def field(*, x, t):
 
 def unguided(*, x, t):
     return smooth(0.25 - 0.8 * x, t).to(torch.bfloat16)
-
-
-class Policy(torch.nn.Module):
-    """A model as Alpamayo's are built: an expert, a projection, the sampler from the config."""
-
-    def __init__(self, diffusion):
-        super().__init__()
-        self.action_out_proj = torch.nn.Linear(4, 2)
-        self.diffusion = diffusion
 
 
 def _public(module):

@@ -14,7 +14,7 @@ import flowmatch_fast
 from flowmatch_fast.alpamayo1_x_rl import FlowMatching
 from bitwise import assert_bitwise
 from fields import smooth
-from oracle import OriginalRL
+from oracle import OriginalRL, Policy
 
 HELPERS = ("_euler", "_midpoint", "_sde", "_guided_v")
 CALLS = [dict(int_method="euler", return_all_steps=True),
@@ -126,13 +126,6 @@ def test_a_subclass_guided_v_makes_the_velocity():
         torch.manual_seed(3)
         results.append(cls(*args, x_dims=(5, 3)).sample(2, field, unguided, return_info=True))
     _same(*results, "subclass _guided_v")
-
-
-class Policy(torch.nn.Module):
-    def __init__(self, diffusion):
-        super().__init__()
-        self.proj = torch.nn.Linear(4, 2)
-        self.diffusion = diffusion
 
 
 def test_convert_replaces_the_recipes_sampler_in_place(case_rng):

@@ -72,7 +72,7 @@ def compile_sde_for_target(field, guided=False, contiguous=True, traj=True, repl
     sig.update({name: "i64" for name in ("s0", "s1", "s2", "s3", "s4", "s5")})
     constexprs = dict(BLOCK=BLOCK, V_NDIM=1 if contiguous else 3, V_CONTIG=contiguous, ROWS=traj,
                       HAS_TRAJ=traj, GUIDED=bool(guided), MIX=guided == "mix",
-                      P_F64=field == torch.float64, REPLAY=replay)
+                      M_F64=field == torch.float64, REPLAY=replay)
     sig.update({name: "constexpr" for name in constexprs})
     aligned = [n for n in sig if n.endswith("_ptr") and n != "table_ptr"] + [
         "n_total", "row_len", "traj_row_stride"]

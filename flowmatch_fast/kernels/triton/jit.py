@@ -91,6 +91,24 @@ def velocity(v_ptr, vu_ptr, v_offs, mask, w_bits, p_type: tl.constexpr, GUIDED: 
 
 
 @triton.jit
+def field_velocity(v_ptr, vu_ptr, offs, mask, w_bits, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5,
+                   V_NDIM: tl.constexpr, V_CONTIG: tl.constexpr, M_F64: tl.constexpr,
+                   GUIDED: tl.constexpr, MIX: tl.constexpr):
+    """The velocity (:func:`velocity`) at the state's flat offsets ``offs``: the field read at
+    its own strided offsets (laid out like the state when V_CONTIG), in its math type (float64
+    for a float64 field, else float32)."""
+    if V_CONTIG:
+        v_offs = offs
+    else:
+        v_offs = field_offsets(offs, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5, V_NDIM)
+    if M_F64:
+        m_type = tl.float64
+    else:
+        m_type = tl.float32
+    return velocity(v_ptr, vu_ptr, v_offs, mask, w_bits, m_type, GUIDED, MIX)
+
+
+@triton.jit
 def store_state(out_ptr, traj_ptr, res, offs, mask, row, col, row_len, traj_row_stride,
                 dup_offset, ROWS: tl.constexpr, HAS_TRAJ: tl.constexpr, DUP_OUT: tl.constexpr):
     """The new state into ``out`` (twice for the doubled batch) and the trajectory slot."""
@@ -125,19 +143,9 @@ def euler_kernel(
     """``x + dt * v``: the velocity in the field's math type M, the product in P = promote(grid,
     M), the sum in S (the contract's; a float64 grid makes P float64)."""
     offs, mask, row, col = block_offsets(n_total, row_len, BLOCK, ROWS)
-
-    if V_CONTIG:
-        v_offs = offs
-    else:
-        v_offs = field_offsets(offs, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5, V_NDIM)
-
     t0 = tl.load(grid_ptr + step)
     t1 = tl.load(grid_ptr + step + 1)
     dt = t1 - t0  # in the grid's dtype, exactly the original's grid[i+1] - grid[i]
-    if M_F64:
-        m_type = tl.float64
-    else:
-        m_type = tl.float32
     if P_F64:
         p_type = tl.float64
     else:
@@ -147,7 +155,8 @@ def euler_kernel(
     else:
         s_type = tl.float32
 
-    v = velocity(v_ptr, vu_ptr, v_offs, mask, w_bits, m_type, GUIDED, MIX).to(p_type)
+    v = field_velocity(v_ptr, vu_ptr, offs, mask, w_bits, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4,
+                       s5, V_NDIM, V_CONTIG, M_F64, GUIDED, MIX).to(p_type)
     prod = dt.to(p_type) * v
     x = tl.load(x_ptr + offs, mask=mask).to(s_type)
     res = x + prod.to(s_type)
@@ -168,14 +177,6 @@ def stage_kernel(
     """One Runge-Kutta stage (see ``reference.stage_step``), every op rounded in ``C`` (the
     velocity in the field's math type M first)."""
     offs, mask, row, col = block_offsets(n_total, row_len, BLOCK, ROWS)
-    if V_CONTIG:
-        k_offs = offs
-    else:
-        k_offs = field_offsets(offs, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5, V_NDIM)
-    if M_F64:
-        m_type = tl.float64
-    else:
-        m_type = tl.float32
     if C_F64:
         c_type = tl.float64
     else:
@@ -184,7 +185,8 @@ def stage_kernel(
     h = dt.to(c_type)
     if not COEF_ONE:  # h = C(dt) * C(coef), one rounding in C, as the reference
         h = h * coef_bits.to(tl.int64).to(tl.float64, bitcast=True).to(c_type)
-    k = velocity(k_ptr, ku_ptr, k_offs, mask, w_bits, m_type, GUIDED, MIX)
+    k = field_velocity(k_ptr, ku_ptr, offs, mask, w_bits, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4,
+                       s5, V_NDIM, V_CONTIG, M_F64, GUIDED, MIX)
     kk = k.to(c_type)
     if ACC_W2:
         s = kk * 2.0
@@ -210,20 +212,12 @@ def sde_kernel(
     d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5,
     BLOCK: tl.constexpr, V_NDIM: tl.constexpr, V_CONTIG: tl.constexpr,
     ROWS: tl.constexpr, HAS_TRAJ: tl.constexpr, GUIDED: tl.constexpr, MIX: tl.constexpr,
-    P_F64: tl.constexpr, REPLAY: tl.constexpr,
+    M_F64: tl.constexpr, REPLAY: tl.constexpr,
 ):
     """One step of the RL recipes' SDE (see ``reference.sde_step``), every op in float32 and
     rounded as PyTorch rounds it: no fused multiply-add, ``div_rn`` for the one division
     (Triton's ``/`` on float32 is an approximate division on a GPU)."""
     offs, mask, row, col = block_offsets(n_total, row_len, BLOCK, ROWS)
-    if V_CONTIG:
-        v_offs = offs
-    else:
-        v_offs = field_offsets(offs, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5, V_NDIM)
-    if P_F64:
-        p_type = tl.float64
-    else:
-        p_type = tl.float32
     scalars = table_ptr + step * 7  # the step's row: a, c1, dt, s, denom, log s, log sqrt(2 pi)
     a = tl.load(scalars)
     c1 = tl.load(scalars + 1)
@@ -232,7 +226,8 @@ def sde_kernel(
     denom = tl.load(scalars + 4)
     log_s = tl.load(scalars + 5)
     log_sqrt_2pi = tl.load(scalars + 6)
-    v = velocity(v_ptr, vu_ptr, v_offs, mask, w_bits, p_type, GUIDED, MIX).to(tl.float32)
+    v = field_velocity(v_ptr, vu_ptr, offs, mask, w_bits, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4,
+                       s5, V_NDIM, V_CONTIG, M_F64, GUIDED, MIX).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask)
     mean = x * a + (v * c1) * dt
     z = tl.load(noise_ptr + offs, mask=mask)

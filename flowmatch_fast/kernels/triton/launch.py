@@ -223,7 +223,7 @@ def launch_sde(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor
     x_, v_, vu_, table_, lp_, traj_, step_, w_bits, n, row_len, traj_stride, _dup, *dims = args
     args = (x_, v_, vu_, table_, noise, lp_ if out is None else out, traj_, lp_, step_, w_bits,
             n, row_len, traj_stride, *dims)
-    for flag in ("DUP_OUT", "S_F64"):
+    for flag in ("DUP_OUT", "P_F64", "S_F64"):  # float32 throughout: only the field's M
         meta.pop(flag)
     meta["REPLAY"] = replay
     _launch(_kernels()[2], x, (grid, args, meta))
