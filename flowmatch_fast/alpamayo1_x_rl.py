@@ -87,7 +87,8 @@ class FlowMatching(RecipesTraining, TwoFields, Sampling, base.BaseDiffusion):
 
     def _options(self, method, steps, unguided_step_fn, weight, use, temperature, generator,
                  return_all_steps=False, rollout=None):
-        """(fields, :class:`Options`) of an ``"euler"``, ``"midpoint"`` or ``"sde"`` call."""
+        """The :class:`Options` of an ``"euler"``, ``"midpoint"`` or ``"sde"`` call (the
+        recipes' step count fall-back, their second guidance check)."""
         if method == "sde":
             if self.use_classifier_free_guidance and unguided_step_fn is None:  # the recipes check
                 raise ValueError("unguided_step_fn is required when using classifier free "
@@ -157,7 +158,8 @@ class FlowMatching(RecipesTraining, TwoFields, Sampling, base.BaseDiffusion):
                                          samples_list, sde_type)
             return _returned(self._sample(fields, batch_size, device, cuda_graph, options,
                                           compile), form, method == "sde")
-        with base.passing_through((Options(), cuda_graph, compile)):  # the recipes' call of the override
+        # replaced on the instance or a subclass: called as the recipes call it
+        with base.passing_through((Options(), cuda_graph, compile)):
             if method != "sde":
                 return override(batch_size=batch_size, step_fn=step_fn,
                                 unguided_step_fn=unguided_step_fn, device=device,
@@ -238,6 +240,7 @@ class FlowMatching(RecipesTraining, TwoFields, Sampling, base.BaseDiffusion):
                                      samples_list, sde_type)
         captured = self._capture(fields, batch_size, device, warmup, options, compile)
         return RolloutSampler(captured, form, method == "sde")
+
 
 def _form(method: str, return_all_steps, return_info) -> str:
     """What a call returns: ``"info"`` (the SDE's dict; ``return_info`` is the SDE's alone),

@@ -169,10 +169,10 @@ def recipes_midpoint(x, grid: TimeGrid, step_fn, backend, trajectory=None,
     t_half = grid.stage_t_views("half")
     for i in range(grid.steps):
         t = grid.t_views[i]
-        v, vu = _velocity(step_fn, unguided_fn, x, t, guidance)
+        v, vu = field_velocities(step_fn, unguided_fn, x, t, guidance)
         v = reference.guide(v, vu, guidance)
         x_mid = reference._write_state(x, torch.mul(grid.dt_views[i], v) / 2, None, None)
-        v, vu = _velocity(step_fn, unguided_fn, x_mid, t_half[i], guidance)
+        v, vu = field_velocities(step_fn, unguided_fn, x_mid, t_half[i], guidance)
         slot = (None if trajectory is None
                 else trajectory.slot(i + 1, result_dtype(x.dtype, v, grid.dtype)))
         x = euler_step(backend, x, v, grid, i, None, slot, vu,
@@ -180,7 +180,7 @@ def recipes_midpoint(x, grid: TimeGrid, step_fn, backend, trajectory=None,
     return x
 
 
-def _velocity(step_fn, unguided_fn, x, t, guidance: Guidance):
+def field_velocities(step_fn, unguided_fn, x, t, guidance: Guidance):
     """``(v, vu)`` of one field evaluation: the guided field first, then (1.5's guidance) the
     unguided one; ``vu`` is ``None`` without guidance, or when the fields were mixed here
     (:func:`mixed_field`: two shapes or dtypes, a weight that is not a Python float)."""
@@ -215,7 +215,7 @@ def integrate(method: str, x, grid: TimeGrid, step_fn, backend, trajectory=None,
         xs = x_in
         for j, st in enumerate(stages):
             t = grid.stage_t_views(st.time)[i]
-            v, vu = _velocity(step_fn, unguided_fn, xs, t, guidance)
+            v, vu = field_velocities(step_fn, unguided_fn, xs, t, guidance)
             if guided:
                 if v.dim() == 0:  # a 0-dim field is a scalar to PyTorch's promotion: keep that
                     v = v.to(product_dtype(v, grid.dtype))

@@ -25,7 +25,7 @@ import torch
 from . import noise as noise_mod
 from . import ops
 from .arguments import same_device
-from .integrators import _velocity, fuses
+from .integrators import field_velocities, fuses
 from .kernels import reference
 from .kernels.contract import NO_GUIDANCE, Guidance, kernel_readable
 
@@ -228,7 +228,7 @@ def rollout(plan, x: torch.Tensor, step_fn, unguided_fn=None):
     log_probs = []
     for i in range(grid.steps):
         t = t_rows[i]
-        v, vu = _velocity(step_fn, unguided_fn, x, t, guidance)
+        v, vu = field_velocities(step_fn, unguided_fn, x, t, guidance)
         grid.check_step(i)
         if ro.sde_type != "sde":
             if ro.sde_type == "cps":
@@ -251,7 +251,7 @@ def rollout(plan, x: torch.Tensor, step_fn, unguided_fn=None):
         log_probs.append(row_mean(lp))
         x = samples[i + 1] if replay else x_next
         if traj is not None:
-            traj.append(x, i + 1)
+            traj.append(x)
     log_prob = row_mean(torch.stack(log_probs, dim=1))
     if traj is None:
         return x, log_prob
@@ -299,11 +299,10 @@ class _Steps:
     def slot(self, i: int):
         return None if self.buffer is None else self.buffer[:, i]
 
-    def append(self, x, i: int) -> None:
+    def append(self, x) -> None:
+        """The state after a step (into the list: a buffer's slot the step itself wrote)."""
         if self.buffer is None:
             self.list.append(x)
-        elif x.dtype != torch.float32:  # cannot happen: every state is float32 here
-            raise AssertionError(f"a {x.dtype} state in a float32 trajectory")
 
     def states(self) -> torch.Tensor:
         return self.buffer if self.buffer is not None else torch.stack(self.list, dim=1)
