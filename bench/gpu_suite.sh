@@ -7,7 +7,8 @@
 #   env       versions, the backends on cuda, the extension's build info
 #   bench     bench/gpu_bench.py: W1-W5, per-forward graphs, compiled fields, torch.compile, the
 #             kernel alone in a graph, kernel count of a W1 replay, memory over 10,000 replays,
-#             rk4 / guided Euler, the Alpamayo 1.5 class
+#             rk4 / guided Euler, the Alpamayo 1.5 class, W6 (an RL rollout: the recipes' SDE
+#             loop vs ours eager and captured, and the field's floor; a few seconds)
 #   pytest-bench  the pytest-benchmark GPU cases, timed (JSON beside the results)
 #   then in parallel: tests (the whole suite, backend auto = the CUDA extension, every gpu-marked
 #             test: emulation vs device, the Alpamayo 1.5 class, compile composition); parity
@@ -26,7 +27,8 @@
 # W5 batch 6's two: torch.compile(reduce-overhead) of the original and ours compile=True; each at
 # most 60 s; a compile cut off is a row saying so, not a failure; none at W1 batch 1 and 48, whose
 # timing stays), so bench ends near 34 + 25 + 120 = 179 s. Tests: 371 took 79 s serially there (slowest
-# one test, 53 s, Triton JIT of stage_step on cuda); 816 now, so with pytest-xdist (when
+# one test, 53 s, Triton JIT of stage_step on cuda); about 1,400 collected now (the RL class,
+# generator lists, compile=True and this round's reliability tests), so with pytest-xdist (when
 # importable) the whole suite runs in nproc/2 workers and each parity pass in nproc/6, torch at 2
 # threads each (16 cores: 8 + 2 + 2 workers, the demo, the plot). No test needs the GPU to itself:
 # CUDA graph capture, the caching allocator (the memory-flat test reads memory_allocated), the
