@@ -47,6 +47,22 @@ from .kernels import reference
 MODES = (False, True, "checked")
 # Inductor's eager-numerics mode (see the module docstring); a fresh dict per compile call.
 OPTIONS = {"emulate_precision_casts": True, "fallback_random": True}
+# Inductors also have some of these (torch 2.13: the eager_numerics ones; older releases the
+# first, spelt so): IEEE division in their Triton code (else a float32 tensor division is the
+# approximate div.full.f32 on a GPU), and no flush of subnormals to zero. Passed where this
+# torch knows them. (The RL log-prob's division stays eager anyway: ops.sde_log_prob.)
+EAGER_NUMERICS_IF_PRESENT = ("emulate_divison_rounding", "eager_numerics.division_rounding",
+                             "eager_numerics.disable_ftz")
+
+
+@functools.lru_cache(maxsize=None)
+def compile_options() -> dict:
+    """:data:`OPTIONS` and those of :data:`EAGER_NUMERICS_IF_PRESENT` this torch's Inductor has
+    (read once, when the first region compiles)."""
+    import torch._inductor.config as inductor
+
+    known = inductor.get_config_copy()
+    return {**OPTIONS, **{k: True for k in EAGER_NUMERICS_IF_PRESENT if k in known}}
 
 
 def check_mode(value):
@@ -103,7 +119,7 @@ def region(run, template, names):
     code = sampling_call.__code__.replace(co_name=f"flowmatch_fast_region_{next(_REGIONS)}")
     fn = types.FunctionType(code, sampling_call.__globals__, code.co_name, None,
                             sampling_call.__closure__)
-    return torch.compile(fn, options=dict(OPTIONS), dynamic=False)
+    return torch.compile(fn, options=dict(compile_options()), dynamic=False)
 
 
 def tensor_fields(plan) -> tuple:

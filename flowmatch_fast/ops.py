@@ -96,6 +96,21 @@ def _row_mean_fake(x: Tensor) -> Tensor:
     return x.new_empty(x.shape[:1])
 
 
+def sde_log_prob(nxt: Tensor, mean: Tensor, denom: Tensor, log_s: Tensor,
+                 log_sqrt_2pi: Tensor) -> Tensor:
+    """The RL recipes' per-element log-probability ``-((next - mean) ** 2) / denom - log s -
+    log sqrt(2 pi)`` as eager PyTorch computes it; an opaque op under torch.compile, so that the
+    division is IEEE whatever Inductor emits for one (an approximate division in its Triton code
+    without its division-rounding option, which older releases lack)."""
+    d = nxt - mean
+    return d.mul_(d).neg_().div_(denom).sub_(log_s).sub_(log_sqrt_2pi)
+
+
+def _sde_log_prob_fake(nxt, mean, denom, log_s, log_sqrt_2pi) -> Tensor:
+    return torch.empty(torch.broadcast_shapes(nxt.shape, mean.shape),
+                       dtype=torch.promote_types(nxt.dtype, mean.dtype), device=mean.device)
+
+
 def _register() -> None:
     global REGISTERED
     custom_op = getattr(torch.library, "custom_op", None)
@@ -103,8 +118,10 @@ def _register() -> None:
         return
     try:
         for name, launcher in LAUNCHERS.items():
-            op = custom_op("flowmatch_fast::row_mean", row_mean, mutates_args=())
-            op.register_fake(_row_mean_fake)
+            for name, impl, fake in (("row_mean", row_mean, _row_mean_fake),
+                                     ("sde_log_prob", sde_log_prob, _sde_log_prob_fake)):
+                op = custom_op(f"flowmatch_fast::{name}", impl, mutates_args=())
+                op.register_fake(fake)
             for kind, make, mutates in (("euler", _euler_op, ("out", "traj")),
                                         ("stage", _stage_op, ("out", "acc_out", "traj")),
                                         ("sde", _sde_op, ("out", "traj", "lp"))):

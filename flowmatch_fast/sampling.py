@@ -123,18 +123,19 @@ class Sampling:
         on_cuda = device.type == "cuda"
         in_user_graph = on_cuda and not torch.compiler.is_compiling() and _capturing(device)
         # The cache serves CUDA calls outside the caller's own capture, and not noise=: a cached
-        # graph would read a tensor the caller may drop (capture(noise=...) keeps it alive). A
-        # call's CUDA generators are copied in and out of the graph's own (CPU ones: eager).
+        # graph would read a tensor the caller may drop (capture(noise=...) keeps it alive), nor
+        # an RL replay of stored samples (the same). A call's CUDA generators are copied in and
+        # out of the graph's own (CPU ones: eager).
         graph_wanted = use_graph and on_cuda and not in_user_graph
-        cacheable = (graph_wanted and options.noise is None
+        replay = options.rollout is not None and options.rollout.samples_list is not None
+        cacheable = (graph_wanted and options.noise is None and not replay
                      and noise_mod.graph_safe(options.generator))
         # Compiled: never inside a capture or a trace in progress (the caller's own), nor for an
         # RL rollout that replays stored samples (the caller's tensors, which a region would
         # bake in) or draws its steps from generators (a draw a traced region cannot hold: the
         # region would break at each step and recompile per step index).
         compiling = (bool(mode) and not in_user_graph and not torch.compiler.is_compiling()
-                     and (options.rollout is None or (options.rollout.samples_list is None
-                                                      and options.generator is None)))
+                     and compilable(options))
         token = None
         if compiling and not cacheable:
             token = compiled.call_token(self, fields, batch_size, device, on_cuda, options)
@@ -188,7 +189,7 @@ class Sampling:
                 "On CPU, call FlowMatching.sample (eager) instead."
             )
         plan = self._plan(batch_size, device, options, captured=True)
-        if mode:
+        if mode and compilable(options):
             return self._compiled.captured(self._run, fields, plan, mode, warmup=warmup)
         plan = plan.with_grid()
         run = cast_cache_off(functools.partial(self._run, plan, *fields), plan.device.type)
@@ -307,6 +308,14 @@ class _Plan(NamedTuple):
         if self.grid_values is not None or self.rollout is not None:  # the SDE holds its own
             return self
         return self._replace(grid_values=self.default_grid())
+
+
+def compilable(options: Options) -> bool:
+    """Whether a call can run as a compiled region: not an RL rollout that replays stored samples
+    (the caller's tensors, which a region would bake in) or draws its steps from generators (a
+    draw a traced region cannot hold: it would break at each step and recompile per step)."""
+    ro = options.rollout
+    return ro is None or (ro.samples_list is None and options.generator is None)
 
 
 def _initial_state(plan: _Plan) -> torch.Tensor:

@@ -59,12 +59,27 @@ class SdeGrid:
         self.timesteps = torch.tensor(values, device=device, dtype=torch.float32)
         # t as the field receives it: timesteps[i] * torch.ones(...) in the default dtype
         self.t_values = torch.tensor([float(t) for t in values[:self.steps]], device=device,
-                               dtype=torch.get_default_dtype())
+                                     dtype=torch.get_default_dtype())
+        self._streams: set = set()  # the CUDA streams the tensors are recorded on
 
     def t_rows(self, batch_size: int, ndim: int) -> torch.Tensor:
         """``[T, B, 1, ..., 1]`` contiguous: row ``i`` is step ``i``'s ``t`` (fresh per call)."""
         ones = [1] * (ndim - 1)
         return self.t_values.view(self.steps, 1, *ones).expand(self.steps, batch_size, *ones).contiguous()
+
+    def hold_for_stream(self) -> None:
+        """Before an eager rollout on a CUDA stream: tell the allocator (``record_stream``) that
+        the stream reads the tensors, so that an eviction from the grids' LRU while its kernels
+        are in flight cannot hand their memory to other work early. Once per stream; nothing
+        during a capture (a graph holds its inputs itself)."""
+        device = self.table.device
+        if device.type != "cuda" or _capturing(device):
+            return
+        stream = torch.cuda.current_stream(device)
+        if stream not in self._streams:
+            self._streams.add(stream)
+            for tensor in (self.table, self.timesteps, self.t_values):
+                tensor.record_stream(stream)
 
     def check_step(self, i: int) -> None:
         """Raise what the recipes raise at step ``i`` (after that step's field calls)."""
@@ -102,21 +117,45 @@ _grids: "collections.OrderedDict[tuple, SdeGrid]" = collections.OrderedDict()
 _grids_lock = threading.Lock()
 
 
+def grid_key(values) -> tuple:
+    """A grid as a key: each entry's type and its value's bits (``-0.0`` is not ``0.0`` to the
+    field, which gets ``t * ones``; a NaN matches itself)."""
+    def bits(v):
+        try:
+            return struct.pack("<d", float(v))
+        except (TypeError, ValueError):
+            return v
+
+    return tuple((type(v), bits(v)) for v in values)
+
+
 def sde_grid(values: list, noise_level: float, device: torch.device) -> SdeGrid:
-    """The :class:`SdeGrid` of a grid, from a small per-process LRU (built on a miss)."""
-    key = (tuple((type(v), v) for v in values), struct.pack("<d", noise_level), str(device),
-           torch.get_default_dtype())
+    """The :class:`SdeGrid` of a grid, from a small per-process LRU (built on a miss: with
+    host-to-device copies, which cannot run while the device's stream is being captured)."""
+    if device.type == "cuda" and device.index is None:  # the current device, by its index
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (grid_key(values), struct.pack("<d", noise_level), device, torch.get_default_dtype())
     with _grids_lock:
         grid = _grids.get(key)
         if grid is not None:
             _grids.move_to_end(key)
             return grid
+    if device.type == "cuda" and _capturing(device):
+        raise RuntimeError("int_method='sde' inside your own CUDA-graph capture: call sample "
+                           "once with this grid and noise level before capturing (the first "
+                           "call builds the SDE's per-step scalars on the device, with "
+                           "host-to-device copies a capture cannot hold), or use fm.capture")
     grid = SdeGrid(values, noise_level, device)
     with _grids_lock:
         _grids[key] = grid
         while len(_grids) > _MAX_GRIDS:
             _grids.popitem(last=False)
     return grid
+
+
+def _capturing(device: torch.device) -> bool:
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 class RolloutOptions(NamedTuple):
@@ -166,9 +205,8 @@ class Rollout(NamedTuple):
 
     def key(self):
         """What a captured rollout bakes in (a replay's samples are inputs, not in the key)."""
-        return (tuple((type(v), v) for v in self.grid.values),
-                struct.pack("<d", self.noise_level), self.sde_type, self.want_steps,
-                self.samples is not None)
+        return (grid_key(self.grid.values), struct.pack("<d", self.noise_level), self.sde_type,
+                self.want_steps, self.samples is not None)
 
 
 def check_noise_level(noise_level) -> float:
@@ -222,6 +260,7 @@ def rollout(plan, x: torch.Tensor, step_fn, unguided_fn=None):
     grid = ro.grid
     guidance = Guidance(plan.guidance or "none", plan.weight)
     gens = ro.generators
+    grid.hold_for_stream()
     t_rows = grid.t_rows(plan.batch_size, x.dim())
     samples = ro.samples
     traj = _Steps(x, grid.steps, samples) if ro.want_steps else None

@@ -110,7 +110,7 @@ def test_a_field_compiled_otherwise_gets_no_difference_from_the_loop_and_checked
         first = fm.sample(B, layer_norm_field)
     torch.manual_seed(1)
     second = fm.sample(B, layer_norm_field)
-    field = torch.compile(layer_norm_field, options=dict(compiled.OPTIONS), dynamic=False)
+    field = torch.compile(layer_norm_field, options=dict(compiled.compile_options()), dynamic=False)
     torch.manual_seed(1)
     want = original_sample(list(DIMS), B, field, "cpu", 10)
     assert_bitwise(first, want, "checked call")
@@ -189,7 +189,7 @@ def test_inductor_failure_is_named_and_counted(monkeypatch):
 def _compiled_alone(field):
     """The field compiled by itself with the region's options: the reference a compiled region
     equals whatever Inductor does to the field's own numbers (Triton's SiLU, say)."""
-    return torch.compile(field, options=dict(compiled.OPTIONS), dynamic=False)
+    return torch.compile(field, options=dict(compiled.compile_options()), dynamic=False)
 
 
 @pytest.mark.gpu
@@ -227,4 +227,29 @@ def test_capture_of_the_compiled_region_with_a_generator_replays_bitwise():
     for i in range(3):
         want = fm.sample(B, alone, device="cuda", generator=eager_gen)
         assert_bitwise(sampler(), want, f"replay {i}")
+    assert fm.compile_stats.compiles == 1
+
+
+def test_rl_sde_rollouts_compile_bitwise_and_replays_or_generator_draws_run_eagerly():
+    """The RL recipes' SDE as one region: bitwise the eager rollout (log-probs included: their
+    division and per-row means stay eager PyTorch's, opaque ops to Inductor), guided; a replay
+    of stored samples and a rollout drawing from generators run eagerly, compiling nothing."""
+    from flowmatch_fast.alpamayo1_x_rl import FlowMatching as RLFlowMatching
+
+    fm = RLFlowMatching("sde", num_inference_steps=4, inference_guidance_weight=2.5,
+                        use_classifier_free_guidance=True, x_dims=DIMS)
+    unguided = lambda *, x, t: elementwise(x=0.5 * x, t=t)  # noqa: E731
+    results = []
+    for compile_ in (False, True, True):  # eager, then a first call (eager) and its compile
+        torch.manual_seed(3)
+        results.append(fm.sample(B, elementwise, unguided, compile=compile_, return_info=True,
+                                 noise_level=0.9))
+    for k in results[0]:
+        assert_bitwise(results[2][k], results[0][k], k)
+    assert fm.compile_stats.compiles == 1
+    stored = list(results[0]["all_steps"].unbind(1))
+    for kw in (dict(samples_list=stored),
+               dict(generator=[torch.Generator().manual_seed(s) for s in range(B)])):
+        for _ in range(2):
+            fm.sample(B, elementwise, unguided, compile=True, return_info=True, **kw)
     assert fm.compile_stats.compiles == 1

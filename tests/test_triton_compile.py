@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(
 
 def _ops(ptx):
     return set(re.findall(
-        r"\b((?:ld|st)\.global[\w.]*|fma\.[\w.]*|mul\.[\w.]*|add\.[\w.]*|div\.[\w.]*)", ptx))
+        r"\b((?:ld|st)\.global[\w.]*|fma\.[\w.]*|mul\.[\w.]*|add\.[\w.]*|sub\.[\w.]*"
+        r"|div\.[\w.]*)", ptx))
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +73,15 @@ def test_contiguous_float32_uses_128_bit_accesses(compiled):
 
 def test_every_sde_specialization_compiles_with_ieee_division_and_no_fma():
     """The RL SDE step: no fma; its one division is div.rn.f32 (Triton's `/` would be an
-    approximate div.full.f32); 128-bit accesses on the contiguous float32 path."""
+    approximate div.full.f32); every float add, sub and mul carries .rn; 128-bit accesses on the
+    contiguous float32 path."""
     for spec in triton_aot.sde_specializations():
         ops = _ops(triton_aot.compile_sde_for_target(*spec, arch=90).asm["ptx"])
         assert not [op for op in ops if op.startswith("fma")], spec
         assert {op for op in ops if op.startswith("div") and op.endswith("f32")} == {"div.rn.f32"}, (spec, ops)
+        # every float add, sub and mul explicitly rounded (.rn: ptxas never contracts those)
+        unrounded = [op for op in ops if re.match(r"(add|sub|mul)\.f(32|64)$", op)]
+        assert not unrounded, (spec, unrounded)
         if spec[:3] == (torch.float32, False, True):
             assert any(op.startswith("ld.global.v4") for op in ops), (spec, ops)
             assert any(op.startswith("st.global.v4") for op in ops), (spec, ops)

@@ -116,6 +116,12 @@ def stage_step(
 GRID_DTYPES = FLOAT_DTYPES  # the original's grid under any default dtype
 
 
+def _ops():
+    from .. import ops  # (ops imports the fused backends, which import this module's siblings)
+
+    return ops
+
+
 def supports(x, v, acc=None, v_uncond=None, mix=False, out=None, traj=None) -> bool:
     return True  # every input PyTorch itself takes
 
@@ -154,8 +160,11 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, v_uncond: Optional[torch.Tensor],
     else:
         nxt = torch.mul(noise, s)  # s * noise: a batch-1 field's noise broadcasts in the sum
         nxt = nxt.add_(mean) if nxt.shape == mean.shape else mean + nxt
-    d = nxt - mean
-    log_prob = d.mul_(d).neg_().div_(denom).sub_(log_s).sub_(const)
+    if torch.compiler.is_compiling() and _ops().REGISTERED:  # eager's IEEE division there
+        log_prob = torch.ops.flowmatch_fast.sde_log_prob(nxt, mean, denom, log_s, const)
+    else:
+        d = nxt - mean
+        log_prob = d.mul_(d).neg_().div_(denom).sub_(log_s).sub_(const)
     if out is not None and not replay:
         nxt = out.copy_(nxt)
     if traj is not None:
