@@ -117,11 +117,11 @@ def _register() -> None:
     if custom_op is None:  # pragma: no cover - torch < 2.4
         return
     try:
+        for name, impl, fake in (("row_mean", row_mean, _row_mean_fake),
+                                 ("sde_log_prob", sde_log_prob, _sde_log_prob_fake)):
+            op = custom_op(f"flowmatch_fast::{name}", impl, mutates_args=())
+            op.register_fake(fake)
         for name, launcher in LAUNCHERS.items():
-            for name, impl, fake in (("row_mean", row_mean, _row_mean_fake),
-                                     ("sde_log_prob", sde_log_prob, _sde_log_prob_fake)):
-                op = custom_op(f"flowmatch_fast::{name}", impl, mutates_args=())
-                op.register_fake(fake)
             for kind, make, mutates in (("euler", _euler_op, ("out", "traj")),
                                         ("stage", _stage_op, ("out", "acc_out", "traj")),
                                         ("sde", _sde_op, ("out", "traj", "lp"))):
