@@ -141,6 +141,14 @@ def _set_rng_states(device, generators, states):
         torch.cuda.set_rng_state(states, device)
 
 
+def capturing(device: torch.device) -> bool:
+    """True while ``device``'s current stream is being captured (the caller's own graph)."""
+    if not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def cast_cache_off(run: Callable, device_type: str = "cuda") -> Callable:
     """``run`` as a capture must call it: under the caller's autocast for ``device_type`` (when
     it is on), re-entered with the same dtype and autocast's weight-cast cache off.

@@ -15,7 +15,7 @@ import torch
 from . import arguments, backends, compiled, sde
 from . import noise as noise_mod
 from .base import as_int
-from .graph import CapturedSampler, cast_cache_off, cuda_device, warn_not_cuda
+from .graph import CapturedSampler, capturing, cast_cache_off, cuda_device, warn_not_cuda
 from .graph_cache import GraphCache, field_key
 from .integrators import METHODS, Trajectory, integrate
 from .kernels.contract import Guidance, TimeGrid
@@ -121,7 +121,7 @@ class Sampling:
         mode = self.compile_mode if compile is None else compiled.check_mode(compile)
         device = arguments.sampling_device(device)
         on_cuda = device.type == "cuda"
-        in_user_graph = on_cuda and not torch.compiler.is_compiling() and _capturing(device)
+        in_user_graph = on_cuda and not torch.compiler.is_compiling() and capturing(device)
         # The cache serves CUDA calls outside the caller's own capture, and not noise=: a cached
         # graph would read a tensor the caller may drop (capture(noise=...) keeps it alive), nor
         # an RL replay of stored samples (the same). A call's CUDA generators are copied in and
@@ -366,13 +366,3 @@ def _precision_getters() -> tuple:
 
 
 _PRECISION_GETTERS = _precision_getters()
-
-
-def _capturing(device: torch.device) -> bool:
-    """True while ``device``'s current stream is being captured (the caller's own graph)."""
-    if not torch.cuda.is_available():
-        return False
-    with torch.cuda.device(device):
-        return torch.cuda.is_current_stream_capturing()
-
-

@@ -25,6 +25,7 @@ import torch
 from . import noise as noise_mod
 from . import ops
 from .arguments import same_device
+from .graph import capturing
 from .integrators import field_velocities, fuses
 from .kernels import reference
 from .kernels.contract import NO_GUIDANCE, Guidance, kernel_readable
@@ -73,7 +74,7 @@ class SdeGrid:
         are in flight cannot hand their memory to other work early. Once per stream; nothing
         during a capture (a graph holds its inputs itself)."""
         device = self.table.device
-        if device.type != "cuda" or _capturing(device):
+        if device.type != "cuda" or capturing(device):
             return
         stream = torch.cuda.current_stream(device)
         if stream not in self._streams:
@@ -140,7 +141,7 @@ def sde_grid(values: list, noise_level: float, device: torch.device) -> SdeGrid:
         if grid is not None:
             _grids.move_to_end(key)
             return grid
-    if device.type == "cuda" and _capturing(device):
+    if device.type == "cuda" and capturing(device):
         raise RuntimeError("int_method='sde' inside your own CUDA-graph capture: call sample "
                            "once with this grid and noise level before capturing (the first "
                            "call builds the SDE's per-step scalars on the device, with "
@@ -151,11 +152,6 @@ def sde_grid(values: list, noise_level: float, device: torch.device) -> SdeGrid:
         while len(_grids) > _MAX_GRIDS:
             _grids.popitem(last=False)
     return grid
-
-
-def _capturing(device: torch.device) -> bool:
-    with torch.cuda.device(device):
-        return torch.cuda.is_current_stream_capturing()
 
 
 class RolloutOptions(NamedTuple):

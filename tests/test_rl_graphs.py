@@ -48,7 +48,7 @@ def test_the_sde_table_is_keyed_by_the_devices_index_and_each_entrys_bits(monkey
             built.append((list(values), device))
 
     monkeypatch.setattr(sde, "SdeGrid", Recording)
-    monkeypatch.setattr(sde, "_capturing", lambda device: False)
+    monkeypatch.setattr(sde, "capturing", lambda device: False)
     monkeypatch.setattr(sde, "_grids", type(sde._grids)())
     current = [1]
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
@@ -77,7 +77,7 @@ def test_a_negative_zero_grid_point_reaches_the_field_as_the_recipes_hand_it():
 
 
 def test_inside_the_callers_own_capture_an_unbuilt_grid_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(sde, "_capturing", lambda device: True)
+    monkeypatch.setattr(sde, "capturing", lambda device: True)
     monkeypatch.setattr(sde, "_grids", type(sde._grids)())
     with pytest.raises(RuntimeError, match="call sample once with this grid"):
         sde.sde_grid([0.0, 0.25, 1.0], 0.7, torch.device("cuda", 0))
